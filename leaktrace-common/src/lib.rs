@@ -1,0 +1,191 @@
+//! Types shared by leaktrace's eBPF programs and its userspace side.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that the kernel and userspace
+//! agree on the layout byte for byte.
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+/// What a carrier event reports. Decoded in userspace with `TryFrom<u32>`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CarrierEventKind {
+    /// `erts_mseg_alloc_opt` returned a carrier (`addr`, `size` read at return).
+    MsegAlloc = 1,
+    /// `erts_mseg_dealloc_opt` took a carrier back (it may stay in the mseg cache).
+    MsegDealloc = 2,
+    /// `erts_mseg_realloc_opt` moved/resized a carrier (`old_addr`, `old_size` -> `addr`, `size`).
+    MsegRealloc = 3,
+    /// `erts_mmap` made an OS mapping (`mapper` says which ErtsMemMapper).
+    Mmap = 4,
+    /// `erts_munmap` removed an OS mapping.
+    Munmap = 5,
+    /// `erts_mremap` moved/resized an OS mapping.
+    Mremap = 6,
+    /// `erts_sys_aligned_alloc` returned a malloc-backed carrier.
+    SysAlignedAlloc = 7,
+    /// `erts_sys_aligned_free` freed a malloc-backed carrier (size unknown from the arguments).
+    SysAlignedFree = 8,
+    /// `erts_sys_aligned_realloc` resized a malloc-backed carrier.
+    SysAlignedRealloc = 9,
+    /// `erts_alcu_mmapper_mseg_alloc`: a literal_alloc carrier.
+    LiteralAlloc = 10,
+    /// `erts_alcu_mmapper_mseg_dealloc`: a literal_alloc carrier returned.
+    LiteralDealloc = 11,
+    /// `erts_alcu_mmapper_mseg_realloc`: a literal_alloc carrier resized.
+    LiteralRealloc = 12,
+}
+
+impl TryFrom<u32> for CarrierEventKind {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        use CarrierEventKind::*;
+        Ok(match value {
+            1 => MsegAlloc,
+            2 => MsegDealloc,
+            3 => MsegRealloc,
+            4 => Mmap,
+            5 => Munmap,
+            6 => Mremap,
+            7 => SysAlignedAlloc,
+            8 => SysAlignedFree,
+            9 => SysAlignedRealloc,
+            10 => LiteralAlloc,
+            11 => LiteralDealloc,
+            12 => LiteralRealloc,
+            other => return Err(other),
+        })
+    }
+}
+
+/// One carrier-level event, as written to the ring buffer.
+///
+/// A fixed header (kind, pid, tid, timestamp) and a payload whose meaning depends on `kind`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CarrierEvent {
+    /// A [`CarrierEventKind`] as u32.
+    pub kind: u32,
+    /// Process (tgid) that made the call.
+    pub pid: u32,
+    /// Thread that made the call.
+    pub tid: u32,
+    /// ERTS allocator number (`ErtsAlcType_t & 0xF` for mseg), or `NO_ALLOCATOR`.
+    pub alloc_no: u32,
+    /// `bpf_ktime_get_ns()` at the event.
+    pub ts_ns: u64,
+    /// Address of the carrier or mapping (new address for reallocs).
+    pub addr: u64,
+    /// Size in bytes (new size for reallocs; 0 when the call does not say).
+    pub size: u64,
+    /// Old address, for reallocs.
+    pub old_addr: u64,
+    /// Old size, for reallocs.
+    pub old_size: u64,
+    /// Flags argument (mseg: bit 0 set = multiblock carrier).
+    pub flags: u64,
+    /// `ErtsMemMapper*` for erts_mmap family events, 0 otherwise.
+    pub mapper: u64,
+}
+
+/// `alloc_no` value when the probed call does not name an allocator.
+pub const NO_ALLOCATOR: u32 = u32::MAX;
+
+/// Size of [`CarrierEvent`] in bytes; checked at compile time on both sides.
+pub const CARRIER_EVENT_SIZE: usize = 72;
+const _: () = assert!(core::mem::size_of::<CarrierEvent>() == CARRIER_EVENT_SIZE);
+
+/// Arguments an entry probe saves for its return probe, keyed by [`pending_key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingCall {
+    /// Allocator number, or `NO_ALLOCATOR`.
+    pub alloc_no: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// User pointer to the size to read at return (0: size is in `size`).
+    pub size_ptr: u64,
+    /// Size known at entry.
+    pub size: u64,
+    /// Old address (reallocs).
+    pub old_addr: u64,
+    /// Old size (reallocs).
+    pub old_size: u64,
+    /// Flags argument.
+    pub flags: u64,
+    /// `ErtsMemMapper*` for erts_mmap family calls.
+    pub mapper: u64,
+}
+
+/// Key of the pending-call map: one slot per (thread, probed function), because
+/// `erts_mseg_alloc_opt` calls `erts_mmap` on the same thread before it returns.
+#[inline(always)]
+pub fn pending_key(tid: u32, kind: u32) -> u64 {
+    ((kind as u64) << 32) | tid as u64
+}
+
+/// Indices into the per-CPU `COUNTERS` array. Probe hit counters start at `HITS_BASE`.
+pub mod counter {
+    /// Ring buffer full: an event was lost.
+    pub const EVENTS_LOST: u32 = 0;
+    /// Pending-call map full: the return probe will not see the entry.
+    pub const MAP_FULL: u32 = 1;
+    /// A helper failed (reading user memory, ...).
+    pub const PROBE_ERRORS: u32 = 2;
+    /// A return probe fired without a matching entry (missed entry or map full).
+    pub const MISSED_ENTRY: u32 = 3;
+    /// First probe hit counter; probe `p` counts at `HITS_BASE + p`.
+    pub const HITS_BASE: u32 = 8;
+    /// Size of the counter array.
+    pub const LEN: u32 = 64;
+}
+
+/// Probe ids, used for hit counters (`counter::HITS_BASE + id`).
+pub mod probe_id {
+    /// erts_mseg_alloc_opt entry
+    pub const MSEG_ALLOC: u32 = 0;
+    /// erts_mseg_alloc_opt return
+    pub const MSEG_ALLOC_RET: u32 = 1;
+    /// erts_mseg_dealloc_opt
+    pub const MSEG_DEALLOC: u32 = 2;
+    /// erts_mseg_realloc_opt entry
+    pub const MSEG_REALLOC: u32 = 3;
+    /// erts_mseg_realloc_opt return
+    pub const MSEG_REALLOC_RET: u32 = 4;
+    /// erts_mmap entry
+    pub const MMAP: u32 = 5;
+    /// erts_mmap return
+    pub const MMAP_RET: u32 = 6;
+    /// erts_munmap
+    pub const MUNMAP: u32 = 7;
+    /// erts_mremap entry
+    pub const MREMAP: u32 = 8;
+    /// erts_mremap return
+    pub const MREMAP_RET: u32 = 9;
+    /// erts_sys_aligned_alloc entry
+    pub const SYS_ALIGNED_ALLOC: u32 = 10;
+    /// erts_sys_aligned_alloc return
+    pub const SYS_ALIGNED_ALLOC_RET: u32 = 11;
+    /// erts_sys_aligned_free
+    pub const SYS_ALIGNED_FREE: u32 = 12;
+    /// erts_sys_aligned_realloc entry
+    pub const SYS_ALIGNED_REALLOC: u32 = 13;
+    /// erts_sys_aligned_realloc return
+    pub const SYS_ALIGNED_REALLOC_RET: u32 = 14;
+    /// erts_alcu_mmapper_mseg_alloc entry
+    pub const LITERAL_ALLOC: u32 = 15;
+    /// erts_alcu_mmapper_mseg_alloc return
+    pub const LITERAL_ALLOC_RET: u32 = 16;
+    /// erts_alcu_mmapper_mseg_dealloc
+    pub const LITERAL_DEALLOC: u32 = 17;
+    /// erts_alcu_mmapper_mseg_realloc entry
+    pub const LITERAL_REALLOC: u32 = 18;
+    /// erts_alcu_mmapper_mseg_realloc return
+    pub const LITERAL_REALLOC_RET: u32 = 19;
+    /// Number of probe ids.
+    pub const COUNT: u32 = 20;
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CarrierEvent {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PendingCall {}

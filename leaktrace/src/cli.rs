@@ -1,0 +1,255 @@
+//! Command line (clap derive), turned into a validated [`crate::config`] value.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{Launch, ReportConfig, ThresholdOverrides, TraceConfig},
+    error::Error,
+    recording::Thresholds,
+};
+
+/// Tells why a running Erlang VM (beam.smp) keeps growing: fragmentation, a native leak, or VM growth.
+#[derive(Debug, Parser)]
+#[command(name = "leaktrace", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Trace a running beam.smp by PID (no restart, no code loaded into the node).
+    Attach {
+        /// PID of the beam.smp process.
+        #[arg(long)]
+        pid: u32,
+        #[command(flatten)]
+        trace: TraceArgs,
+    },
+    /// Start a command (e.g. `erl ...`) and trace its beam.smp from its first allocation.
+    Run {
+        /// The beam.smp the command runs (default: found from the command's Erlang root).
+        #[arg(long)]
+        beam: Option<PathBuf>,
+        #[command(flatten)]
+        trace: TraceArgs,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+    /// Re-render and re-judge a recording made with --record.
+    Report {
+        /// The recording file.
+        file: PathBuf,
+        /// Write report.json and report.md to this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print report.json on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        thresholds: ThresholdArgs,
+    },
+}
+
+/// Options of attach and run.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// How long to trace (e.g. 60s, 5m); Ctrl-C ends earlier and still reports.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Ledger sampling interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Write report.json and report.md to this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print report.json on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the recording to FILE (re-judge it later with `leaktrace report FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub thresholds: ThresholdArgs,
+}
+
+/// Verdict thresholds.
+#[derive(Debug, Args)]
+pub struct ThresholdArgs {
+    /// A line grows only above this slope, KiB/s [default: 64].
+    #[arg(long, value_name = "KIB_PER_S")]
+    pub min_growth: Option<f64>,
+    /// ...and only if it grew more than this over the run, MiB [default: 4].
+    #[arg(long, value_name = "MIB")]
+    pub min_total: Option<f64>,
+    /// Shorter runs are inconclusive [default: 5s].
+    #[arg(long, value_parser = parse_duration)]
+    pub min_duration: Option<Duration>,
+    /// Share of the RSS growth a line must explain to be named the cause, 0..1 [default: 0.5].
+    #[arg(long)]
+    pub explained_fraction: Option<f64>,
+}
+
+/// Parses "60s", "5m", "500ms", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 500ms)"))
+}
+
+impl ThresholdArgs {
+    fn overrides(&self) -> Result<ThresholdOverrides, Error> {
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x >= 0.0) => {
+                Err(Error::Usage(format!("--{name} must be a number >= 0, got {x}")))
+            }
+            _ => Ok(v),
+        };
+        let fraction = match self.explained_fraction {
+            Some(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(Error::Usage(format!(
+                    "--explained-fraction must be in (0, 1], got {f}"
+                )));
+            }
+            f => f,
+        };
+        Ok(ThresholdOverrides {
+            min_growth_bytes_per_s: positive("min-growth", self.min_growth)?.map(|k| k * 1024.0),
+            min_total_growth_bytes: positive("min-total", self.min_total)?
+                .map(|m| m * 1024.0 * 1024.0),
+            min_duration_s: self.min_duration.map(|d| d.as_secs_f64()),
+            explained_fraction: fraction,
+        })
+    }
+}
+
+impl TraceArgs {
+    fn config(&self) -> Result<TraceConfig, Error> {
+        if self.interval < Duration::from_millis(100) {
+            return Err(Error::Usage(format!(
+                "--interval {:?} is too short: use 100ms or more",
+                self.interval
+            )));
+        }
+        if self.duration < self.interval {
+            return Err(Error::Usage(format!(
+                "--duration {:?} is shorter than --interval {:?}",
+                self.duration, self.interval
+            )));
+        }
+        Ok(TraceConfig {
+            duration: self.duration,
+            interval: self.interval,
+            out: self.out.clone(),
+            json: self.json,
+            record: self.record.clone(),
+            thresholds: self.thresholds.overrides()?.apply(Thresholds::default()),
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// A validated command.
+#[derive(Debug)]
+pub enum Command {
+    /// attach or run.
+    Trace(Launch, TraceConfig),
+    /// report FILE.
+    Report(ReportConfig),
+}
+
+impl Cli {
+    /// Validates the arguments.
+    pub fn into_command(self) -> Result<Command, Error> {
+        Ok(match self.command {
+            CliCommand::Attach { pid, trace } => {
+                Command::Trace(Launch::Attach { pid }, trace.config()?)
+            }
+            CliCommand::Run {
+                beam,
+                trace,
+                command,
+            } => Command::Trace(Launch::Run { command, beam }, trace.config()?),
+            CliCommand::Report {
+                file,
+                out,
+                json,
+                thresholds,
+            } => Command::Report(ReportConfig {
+                file,
+                out,
+                json,
+                thresholds: thresholds.overrides()?,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        cli.into_command().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn attach_defaults_and_thresholds() {
+        let Command::Trace(Launch::Attach { pid }, cfg) =
+            parse(&["leaktrace", "attach", "--pid", "42", "--min-growth", "128"]).unwrap()
+        else {
+            panic!("not attach");
+        };
+        assert_eq!(pid, 42);
+        assert_eq!(cfg.duration, Duration::from_secs(60));
+        assert_eq!(cfg.interval, Duration::from_secs(1));
+        assert_eq!(cfg.thresholds.min_growth_bytes_per_s, 128.0 * 1024.0);
+        assert_eq!(
+            cfg.thresholds.min_total_growth_bytes,
+            Thresholds::default().min_total_growth_bytes
+        );
+    }
+
+    #[test]
+    fn run_takes_the_command_after_dashes() {
+        let Command::Trace(Launch::Run { command, beam }, _) =
+            parse(&["leaktrace", "run", "--duration", "10s", "--", "erl", "-noshell"]).unwrap()
+        else {
+            panic!("not run");
+        };
+        assert_eq!(command, vec!["erl", "-noshell"]);
+        assert_eq!(beam, None);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse(&["leaktrace", "attach", "--pid", "x"]).is_err());
+        assert!(parse(&["leaktrace", "attach", "--pid", "1", "--interval", "1ms"]).is_err());
+        assert!(
+            parse(&["leaktrace", "attach", "--pid", "1", "--duration", "1s", "--interval", "2s"])
+                .is_err()
+        );
+        assert!(
+            parse(&["leaktrace", "attach", "--pid", "1", "--explained-fraction", "2"]).is_err()
+        );
+        assert!(parse(&["leaktrace", "run"]).is_err());
+    }
+}

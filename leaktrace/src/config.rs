@@ -1,0 +1,83 @@
+//! Validated, immutable configuration. Nothing below the CLI looks at raw arguments.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::recording::Thresholds;
+
+/// How to trace and what to write.
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    /// Stop after this long (Ctrl-C stops earlier).
+    pub duration: Duration,
+    /// Ledger sampling interval.
+    pub interval: Duration,
+    /// Directory for report.json and report.md.
+    pub out: Option<PathBuf>,
+    /// Print report.json on stdout instead of the terminal summary.
+    pub json: bool,
+    /// Write the recording here.
+    pub record: Option<PathBuf>,
+    /// Verdict thresholds.
+    pub thresholds: Thresholds,
+    /// Show a progress line on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub enum Launch {
+    /// A running beam.smp.
+    Attach {
+        /// Its PID.
+        pid: u32,
+    },
+    /// A command to start, held until the probes are live.
+    Run {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// beam.smp the command will exec, when given.
+        beam: Option<PathBuf>,
+    },
+}
+
+/// Re-judge a recording.
+#[derive(Clone, Debug)]
+pub struct ReportConfig {
+    /// The recording.
+    pub file: PathBuf,
+    /// Directory for report.json and report.md.
+    pub out: Option<PathBuf>,
+    /// Print report.json on stdout.
+    pub json: bool,
+    /// Thresholds to use instead of the recorded ones, field by field.
+    pub thresholds: ThresholdOverrides,
+}
+
+/// Thresholds given on the command line (None: keep the recorded/default value).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThresholdOverrides {
+    /// `--min-growth` in bytes/s.
+    pub min_growth_bytes_per_s: Option<f64>,
+    /// `--min-total` in bytes.
+    pub min_total_growth_bytes: Option<f64>,
+    /// `--min-duration` in seconds.
+    pub min_duration_s: Option<f64>,
+    /// `--explained-fraction`.
+    pub explained_fraction: Option<f64>,
+}
+
+impl ThresholdOverrides {
+    /// `base` with the given fields replaced.
+    pub fn apply(&self, base: Thresholds) -> Thresholds {
+        Thresholds {
+            min_growth_bytes_per_s: self
+                .min_growth_bytes_per_s
+                .unwrap_or(base.min_growth_bytes_per_s),
+            min_total_growth_bytes: self
+                .min_total_growth_bytes
+                .unwrap_or(base.min_total_growth_bytes),
+            min_duration_s: self.min_duration_s.unwrap_or(base.min_duration_s),
+            explained_fraction: self.explained_fraction.unwrap_or(base.explained_fraction),
+        }
+    }
+}

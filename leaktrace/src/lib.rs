@@ -1,0 +1,24 @@
+//! leaktrace: tells why a running Erlang VM (beam.smp) keeps growing.
+//!
+//! The pipeline: `cli` -> `config` -> `target`/`symbols` -> `probes` (load + attach) ->
+//! `carriers` (event aggregation) -> `ledger` (sampling) -> `recording` -> `verdict` (pure) ->
+//! `report`. `session` runs it.
+
+pub mod carriers;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod ledger;
+pub mod lock;
+pub mod privilege;
+pub mod probes;
+pub mod recording;
+pub mod report;
+pub mod session;
+pub mod symbols;
+pub mod target;
+pub mod trend;
+pub mod verdict;
+
+pub use error::Error;

@@ -1,0 +1,217 @@
+//! Loads leaktrace's eBPF programs into the kernel and attaches them to a binary.
+//!
+//! Dropping a [`Tracer`] detaches every probe and unloads the programs, so no probe outlives
+//! leaktrace, whatever path it exits by.
+
+use std::{num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use leaktrace_common::{CARRIER_EVENT_SIZE, CarrierEvent, counter, probe_id as P};
+
+use crate::{
+    error::Error,
+    recording::{Losses, ProbeStat},
+    symbols::SymbolTable,
+};
+
+#[cfg(not(leaktrace_ebpf_stub))]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+#[cfg(leaktrace_ebpf_stub)]
+static OBJECT: &[u8] = &[];
+
+/// One program and where it attaches.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSpec {
+    /// Program name in the eBPF object.
+    pub program: &'static str,
+    /// Symbol in the target binary.
+    pub symbol: &'static str,
+    /// Id for its hit counter.
+    pub id: u32,
+    /// Tracing without it would be misleading: refuse to run.
+    pub required: bool,
+}
+
+const fn spec(program: &'static str, symbol: &'static str, id: u32, required: bool) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        symbol,
+        id,
+        required,
+    }
+}
+
+/// Carrier-level probes on beam.smp. Entry probes come before their return probes: attaching
+/// in this order means a call caught between the two is never seen half.
+pub const CARRIER_PROBES: &[ProbeSpec] = &[
+    spec("mseg_alloc", "erts_mseg_alloc_opt", P::MSEG_ALLOC, true),
+    spec("mseg_alloc_ret", "erts_mseg_alloc_opt", P::MSEG_ALLOC_RET, true),
+    spec("mseg_dealloc", "erts_mseg_dealloc_opt", P::MSEG_DEALLOC, true),
+    spec("mseg_realloc", "erts_mseg_realloc_opt", P::MSEG_REALLOC, false),
+    spec("mseg_realloc_ret", "erts_mseg_realloc_opt", P::MSEG_REALLOC_RET, false),
+    spec("mmap", "erts_mmap", P::MMAP, true),
+    spec("mmap_ret", "erts_mmap", P::MMAP_RET, true),
+    spec("munmap", "erts_munmap", P::MUNMAP, true),
+    spec("mremap", "erts_mremap", P::MREMAP, false),
+    spec("mremap_ret", "erts_mremap", P::MREMAP_RET, false),
+    spec("sys_aligned_alloc", "erts_sys_aligned_alloc", P::SYS_ALIGNED_ALLOC, false),
+    spec("sys_aligned_alloc_ret", "erts_sys_aligned_alloc", P::SYS_ALIGNED_ALLOC_RET, false),
+    spec("sys_aligned_free", "erts_sys_aligned_free", P::SYS_ALIGNED_FREE, false),
+    spec("sys_aligned_realloc", "erts_sys_aligned_realloc", P::SYS_ALIGNED_REALLOC, false),
+    spec("sys_aligned_realloc_ret", "erts_sys_aligned_realloc", P::SYS_ALIGNED_REALLOC_RET, false),
+    spec("literal_alloc", "erts_alcu_mmapper_mseg_alloc", P::LITERAL_ALLOC, false),
+    spec("literal_alloc_ret", "erts_alcu_mmapper_mseg_alloc", P::LITERAL_ALLOC_RET, false),
+    spec("literal_dealloc", "erts_alcu_mmapper_mseg_dealloc", P::LITERAL_DEALLOC, false),
+    spec("literal_realloc", "erts_alcu_mmapper_mseg_realloc", P::LITERAL_REALLOC, false),
+    spec("literal_realloc_ret", "erts_alcu_mmapper_mseg_realloc", P::LITERAL_REALLOC_RET, false),
+];
+
+/// Symbols without which carrier tracing refuses to start.
+pub fn required_symbols(specs: &[ProbeSpec]) -> Vec<&'static str> {
+    let mut symbols: Vec<&'static str> =
+        specs.iter().filter(|s| s.required).map(|s| s.symbol).collect();
+    symbols.dedup();
+    symbols
+}
+
+/// Loaded programs, their maps, and what attached.
+pub struct Tracer {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    probes: Vec<(ProbeSpec, Result<(), String>)>,
+}
+
+impl Tracer {
+    /// Loads the embedded eBPF object into the kernel (nothing is attached yet).
+    pub fn load() -> Result<Tracer, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoEbpfObject);
+        }
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(format!("{e:#}")))?;
+        let events = ebpf
+            .take_map("CARRIER_EVENTS")
+            .ok_or_else(|| Error::Load("map CARRIER_EVENTS missing from the object".into()))?;
+        let events = RingBuf::try_from(events).map_err(|e| Error::Load(e.to_string()))?;
+        let counters = ebpf
+            .take_map("COUNTERS")
+            .ok_or_else(|| Error::Load("map COUNTERS missing from the object".into()))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|e| Error::Load(e.to_string()))?;
+        Ok(Tracer {
+            ebpf,
+            events,
+            counters,
+            probes: Vec::new(),
+        })
+    }
+
+    /// Attaches `specs` to `binary` for process `pid` only. A missing optional symbol is recorded
+    /// and skipped; a required one, or any attach failure of a required probe, is an error.
+    pub fn attach(
+        &mut self,
+        binary: &Path,
+        symbols: &SymbolTable,
+        pid: u32,
+        specs: &[ProbeSpec],
+    ) -> Result<(), Error> {
+        symbols.require(&required_symbols(specs))?;
+        let pid = NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?;
+        for spec in specs {
+            let outcome = if symbols.has(spec.symbol) {
+                self.attach_one(spec, binary, pid)
+            } else {
+                Err(format!("{} does not export {}", binary.display(), spec.symbol))
+            };
+            if let (Err(reason), true) = (&outcome, spec.required) {
+                return Err(Error::Attach {
+                    program: spec.program.into(),
+                    symbol: spec.symbol.into(),
+                    binary: binary.display().to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            self.probes.push((*spec, outcome));
+        }
+        Ok(())
+    }
+
+    fn attach_one(&mut self, spec: &ProbeSpec, binary: &Path, pid: NonZeroU32) -> Result<(), String> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(spec.program)
+            .ok_or_else(|| format!("program {} missing from the eBPF object", spec.program))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        // Programs are loaded on first use; a family's second symbol reuses the loaded program.
+        if program.fd().is_err() {
+            program.load().map_err(|e| format!("{e:#}"))?;
+        }
+        program
+            .attach(spec.symbol, binary, UProbeScope::OneProcess(pid))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Whether every probe in `specs` that the binary has attached.
+    pub fn attached(&self, program: &str) -> bool {
+        self.probes
+            .iter()
+            .any(|(s, r)| s.program == program && r.is_ok())
+    }
+
+    /// Hands every queued carrier event to `sink`; returns how many there were.
+    pub fn drain(&mut self, mut sink: impl FnMut(CarrierEvent)) -> u64 {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() >= CARRIER_EVENT_SIZE {
+                // The ring buffer only guarantees 8-byte alignment of records; read unaligned.
+                let event =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<CarrierEvent>()) };
+                sink(event);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Losses counted by the probes so far.
+    pub fn losses(&self) -> Losses {
+        Losses {
+            events_lost: self.counter(counter::EVENTS_LOST),
+            map_full: self.counter(counter::MAP_FULL),
+            probe_errors: self.counter(counter::PROBE_ERRORS),
+            missed_entries: self.counter(counter::MISSED_ENTRY),
+            unknown_frees: 0,
+        }
+    }
+
+    /// Every probe tried, with its hit count.
+    pub fn probe_stats(&self) -> Vec<ProbeStat> {
+        self.probes
+            .iter()
+            .map(|(spec, outcome)| ProbeStat {
+                name: spec.program.into(),
+                symbol: spec.symbol.into(),
+                attached: outcome.is_ok(),
+                hits: self.counter(counter::HITS_BASE + spec.id),
+                error: outcome.as_ref().err().cloned(),
+            })
+            .collect()
+    }
+
+    /// Total probe hits so far.
+    pub fn total_hits(&self) -> u64 {
+        (0..P::COUNT).map(|id| self.counter(counter::HITS_BASE + id)).sum()
+    }
+}

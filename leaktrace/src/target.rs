@@ -1,0 +1,150 @@
+//! The traced process: checks that a PID is a live beam.smp and reads what the report needs
+//! (executable, OTP release, node name) from procfs.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use crate::error::Error;
+
+/// A beam.smp process we may trace.
+#[derive(Clone, Debug)]
+pub struct TargetProcess {
+    /// Process id.
+    pub pid: u32,
+    /// Resolved path of its executable (may be "(deleted)" after an upgrade).
+    pub exe: PathBuf,
+    /// Path to attach probes and read symbols through: `/proc/PID/exe` still names the running
+    /// binary after a package upgrade replaced the file on disk.
+    pub image: PathBuf,
+    /// OTP release (e.g. "25"), from `ROOTDIR/releases/*/OTP_VERSION`.
+    pub otp_release: Option<String>,
+    /// `-sname`/`-name` from the command line.
+    pub node: Option<String>,
+}
+
+/// True when `exe` is an Erlang emulator binary (`beam.smp`, `beam.debug.smp`, ...).
+pub fn is_beam(exe: &Path) -> bool {
+    exe.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("beam.") && n.contains("smp"))
+}
+
+/// Fails unless `/proc/PID` exists. Works without privileges, so a wrong PID is reported as
+/// such before any privilege check.
+pub fn require_exists(pid: u32) -> Result<(), Error> {
+    if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(Error::NoSuchProcess { pid });
+    }
+    Ok(())
+}
+
+/// Inspects PID: it must exist and run beam.smp.
+pub fn inspect(pid: u32) -> Result<TargetProcess, Error> {
+    require_exists(pid)?;
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => Error::NoSuchProcess { pid },
+        _ => Error::TargetIo {
+            pid,
+            what: "the executable (/proc/PID/exe)".into(),
+            source,
+        },
+    })?;
+    if !is_beam(&exe) {
+        return Err(Error::NotBeam {
+            pid,
+            exe: exe.display().to_string(),
+        });
+    }
+    let cmdline = read_cmdline(pid).unwrap_or_default();
+    Ok(TargetProcess {
+        pid,
+        image: PathBuf::from(format!("/proc/{pid}/exe")),
+        otp_release: otp_release(&exe, &cmdline),
+        node: node_name(&cmdline),
+        exe,
+    })
+}
+
+/// The NUL-separated command line of PID.
+pub fn read_cmdline(pid: u32) -> io::Result<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect())
+}
+
+/// Value following `flag` in an Erlang command line (`-sname foo`).
+fn flag_value<'a>(cmdline: &'a [String], flag: &str) -> Option<&'a str> {
+    cmdline
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| cmdline.get(i + 1))
+        .map(String::as_str)
+}
+
+/// Node name from `-sname`/`-name`.
+pub fn node_name(cmdline: &[String]) -> Option<String> {
+    flag_value(cmdline, "-sname")
+        .or_else(|| flag_value(cmdline, "-name"))
+        .map(str::to_owned)
+}
+
+/// OTP release: `-root DIR` from the command line, else the directory above `erts-X/bin`;
+/// then the single `DIR/releases/*/OTP_VERSION`.
+pub fn otp_release(exe: &Path, cmdline: &[String]) -> Option<String> {
+    let root = flag_value(cmdline, "-root")
+        .map(PathBuf::from)
+        .or_else(|| exe.parent()?.parent()?.parent().map(Path::to_path_buf))?;
+    let mut releases = fs::read_dir(root.join("releases")).ok()?;
+    releases.find_map(|entry| {
+        let version = fs::read_to_string(entry.ok()?.path().join("OTP_VERSION")).ok()?;
+        Some(version.trim().to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn recognises_emulator_names() {
+        assert!(is_beam(Path::new("/usr/lib/erlang/erts-13.1.5/bin/beam.smp")));
+        assert!(is_beam(Path::new("/x/beam.debug.smp")));
+        assert!(!is_beam(Path::new("/usr/bin/bash")));
+        assert!(!is_beam(Path::new("/usr/lib/erlang/erts-13.1.5/bin/erlexec")));
+    }
+
+    #[test]
+    fn node_name_prefers_sname() {
+        let cmd = args(&["beam.smp", "--", "-root", "/r", "-sname", "demo", "-noshell"]);
+        assert_eq!(node_name(&cmd).as_deref(), Some("demo"));
+        let cmd = args(&["beam.smp", "--", "-name", "a@h.example"]);
+        assert_eq!(node_name(&cmd).as_deref(), Some("a@h.example"));
+        assert_eq!(node_name(&args(&["beam.smp", "-sname"])), None);
+    }
+
+    #[test]
+    fn missing_pid_is_reported_as_such() {
+        // PID numbers above pid_max (4194304 at most) cannot exist.
+        match inspect(99_999_999) {
+            Err(Error::NoSuchProcess { pid }) => assert_eq!(pid, 99_999_999),
+            other => panic!("expected NoSuchProcess, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn own_process_is_not_beam() {
+        match inspect(std::process::id()) {
+            Err(Error::NotBeam { exe, .. }) => assert!(!exe.is_empty()),
+            other => panic!("expected NotBeam, got {other:?}"),
+        }
+    }
+}
