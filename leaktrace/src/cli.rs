@@ -5,9 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Launch, ReportConfig, ThresholdOverrides, TraceConfig},
+    config::{Launch, ReportConfig, ThresholdOverrides, TraceConfig, VmAccess},
     error::Error,
     recording::Thresholds,
+    vm::discover::Cookie,
 };
 
 /// Tells why a running Erlang VM (beam.smp) keeps growing: fragmentation, a native leak, or VM growth.
@@ -40,6 +41,18 @@ pub enum CliCommand {
         /// The command and its arguments.
         #[arg(last = true, required = true, num_args = 1..)]
         command: Vec<String>,
+    },
+    /// One-shot snapshot of the VM's memory: allocators (used vs allocated), top processes,
+    /// mailboxes, binaries, ETS tables, atoms. Needs a distributed node; loads no code.
+    Vm {
+        /// PID of the beam.smp (node name and cookie are found from it).
+        #[arg(long, required_unless_present = "node")]
+        pid: Option<u32>,
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-render and re-judge a recording made with --record.
     Report {
@@ -77,8 +90,41 @@ pub struct TraceArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Do not connect to the VM: OS and probe evidence only.
+    #[arg(long)]
+    pub no_vm: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
     #[command(flatten)]
     pub thresholds: ThresholdArgs,
+}
+
+/// How to reach the node over distribution.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// Node name (default: the target's -sname/-name).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Distribution cookie (prefer --cookie-file: arguments are visible in ps).
+    #[arg(long, conflicts_with = "cookie_file")]
+    pub cookie: Option<String>,
+    /// File holding the distribution cookie.
+    #[arg(long, value_name = "FILE")]
+    pub cookie_file: Option<PathBuf>,
+    /// How many processes and tables to name.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
+impl VmArgs {
+    fn access(&self) -> VmAccess {
+        VmAccess {
+            node: self.node.clone(),
+            cookie: self.cookie.as_deref().map(Cookie::new),
+            cookie_file: self.cookie_file.clone(),
+            top: self.top.max(1),
+        }
+    }
 }
 
 /// Verdict thresholds.
@@ -154,6 +200,7 @@ impl TraceArgs {
             record: self.record.clone(),
             thresholds: self.thresholds.overrides()?.apply(Thresholds::default()),
             progress: !self.quiet,
+            vm: (!self.no_vm).then(|| self.vm.access()),
         })
     }
 }
@@ -165,6 +212,15 @@ pub enum Command {
     Trace(Launch, TraceConfig),
     /// report FILE.
     Report(ReportConfig),
+    /// vm: a one-shot snapshot.
+    Vm {
+        /// The beam.smp PID, when given.
+        pid: Option<u32>,
+        /// How to reach it.
+        access: VmAccess,
+        /// JSON output.
+        json: bool,
+    },
 }
 
 impl Cli {
@@ -179,6 +235,11 @@ impl Cli {
                 trace,
                 command,
             } => Command::Trace(Launch::Run { command, beam }, trace.config()?),
+            CliCommand::Vm { pid, vm, json } => Command::Vm {
+                pid,
+                access: vm.access(),
+                json,
+            },
             CliCommand::Report {
                 file,
                 out,

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::recording::Thresholds;
+use crate::{recording::Thresholds, vm::discover::Cookie};
 
 /// How to trace and what to write.
 #[derive(Clone, Debug)]
@@ -21,6 +21,21 @@ pub struct TraceConfig {
     pub thresholds: Thresholds,
     /// Show a progress line on stderr (only when it is a terminal).
     pub progress: bool,
+    /// How to reach the VM (None: `--no-vm`).
+    pub vm: Option<VmAccess>,
+}
+
+/// How to reach the target node over distribution.
+#[derive(Clone, Debug, Default)]
+pub struct VmAccess {
+    /// Node name (default: from the target's -sname/-name).
+    pub node: Option<String>,
+    /// Cookie given with --cookie.
+    pub cookie: Option<Cookie>,
+    /// File given with --cookie-file.
+    pub cookie_file: Option<PathBuf>,
+    /// How many processes/tables the census names.
+    pub top: usize,
 }
 
 /// What to trace.

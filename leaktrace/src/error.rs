@@ -136,6 +136,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The VM view could not be had (for `leaktrace vm`, where it is the whole point).
+    #[error("{0}")]
+    Vm(String),
     /// Invalid options.
     #[error("{0}")]
     Usage(String),

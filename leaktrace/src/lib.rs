@@ -20,5 +20,6 @@ pub mod symbols;
 pub mod target;
 pub mod trend;
 pub mod verdict;
+pub mod vm;
 
 pub use error::Error;

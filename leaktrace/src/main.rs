@@ -8,10 +8,15 @@ use clap::Parser;
 use leaktrace::{
     Error,
     cli::{Cli, Command},
-    config::{ReportConfig, TraceConfig},
+    config::{ReportConfig, TraceConfig, VmAccess},
     recording::Recording,
     report::{self, Report},
     session,
+    vm::{
+        discover::{Cookie, CookieSource},
+        render,
+        view::VmView,
+    },
 };
 
 const EXIT_ERROR: u8 = 2;
@@ -57,10 +62,59 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 record: None,
                 thresholds: recording.thresholds,
                 progress: false,
+                vm: None,
             };
             emit(Report::new(recording), &cfg)
         }
+        Command::Vm { pid, access, json } => vm_snapshot(pid, &access, json),
     }
+}
+
+fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Error> {
+    let view = match pid {
+        Some(pid) => {
+            leaktrace::target::inspect(pid)?;
+            VmView::connect(pid, access)
+        }
+        None => {
+            let node = access.node.clone().unwrap_or_default();
+            let (cookie, source) = match (&access.cookie, &access.cookie_file) {
+                (Some(c), _) => (c.clone(), CookieSource::Flag),
+                (None, Some(f)) => (
+                    Cookie::new(std::fs::read_to_string(f).map_err(|e| Error::Vm(format!(
+                        "cannot read --cookie-file {}: {e}",
+                        f.display()
+                    )))?),
+                    CookieSource::File,
+                ),
+                (None, None) => {
+                    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+                    let file = std::path::Path::new(&home).join(".erlang.cookie");
+                    let c = std::fs::read_to_string(&file).map_err(|e| Error::Vm(format!(
+                        "no cookie: give --cookie-file ({}: {e})",
+                        file.display()
+                    )))?;
+                    (Cookie::new(c), CookieSource::HomeFile)
+                }
+            };
+            VmView::connect_node(&node, &cookie, source, access.top)
+        }
+    };
+    let mut view = view.map_err(|e| Error::Vm(e.to_string()))?;
+    let sample = view.sample(0.0).map_err(|e| Error::Vm(e.to_string()))?.clone();
+    let census = view.census(0.0).map_err(|e| Error::Vm(e.to_string()))?;
+    if json {
+        let snapshot = render::Snapshot {
+            node: view.node(),
+            allocators: &sample,
+            usage: render::usage(sample.used(), sample.allocated()),
+            census: &census,
+        };
+        println!("{}", serde_json::to_string_pretty(&snapshot).expect("serializable"));
+    } else {
+        print!("{}", render::text(view.node(), &sample, &census));
+    }
+    Ok(0)
 }
 
 fn emit(report: Report, cfg: &TraceConfig) -> Result<u8, Error> {

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fs, path::Path};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::vm::snapshot::{AllocatorUsage, Census, ProcessEntry, TableEntry, VmSample};
 use crate::error::Error;
 
 /// Version of the recording and report.json schema.
@@ -41,6 +42,22 @@ pub struct Recording {
     pub thresholds: Thresholds,
     /// What the tracer itself cost.
     pub tracer: TracerStats,
+    /// The VM's own figures, when a distribution connection answered.
+    #[serde(default)]
+    pub vm: Option<VmEvidence>,
+}
+
+/// What the VM reported during the run (read-only BIFs over distribution).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmEvidence {
+    /// Node connected to.
+    pub node: String,
+    /// Allocator figures, one per sample that answered.
+    pub samples: Vec<VmSample>,
+    /// Erlang-level census at the start of the run.
+    pub census_start: Option<Census>,
+    /// Erlang-level census at the end of the run (None if the node was gone).
+    pub census_end: Option<Census>,
 }
 
 /// The traced process.

@@ -28,6 +28,7 @@ use crate::{
     report::human_bytes,
     symbols::SymbolTable,
     target,
+    vm::view::VmState,
 };
 
 /// How often the ring buffer is drained between samples. Carrier events are rare; this keeps
@@ -41,7 +42,6 @@ const BEAM_START_TIMEOUT: Duration = Duration::from_secs(30);
 struct Traced {
     pid: u32,
     target: Target,
-    image_path: PathBuf,
     exe_for_maps: PathBuf,
     symbols: SymbolTable,
     child: Option<Child>,
@@ -70,7 +70,6 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
                     otp_release: proc.otp_release,
                     node: proc.node,
                 },
-                image_path: proc.image,
                 exe_for_maps: proc.exe,
                 symbols,
                 child: None,
@@ -93,7 +92,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
             let symbols = SymbolTable::read(&beam, &display)?;
             symbols.require(&required_symbols(CARRIER_PROBES))?;
             let mut tracer = Tracer::load()?;
-            let held = HeldChild::spawn(command)?;
+            let held = HeldChild::spawn(command, cfg.json)?;
             let pid = held.child.id();
             let _lock = TargetLock::acquire(pid)?;
             // The per-process perf event stays with the task across exec, so probes placed on
@@ -113,7 +112,6 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
                     otp_release: target::otp_release(&beam, &cmdline),
                     node: target::node_name(&cmdline),
                 },
-                image_path: beam.clone(),
                 exe_for_maps: fs::canonicalize(&beam).unwrap_or(beam),
                 symbols,
                 child: Some(child),
@@ -164,7 +162,8 @@ struct HeldChild {
 }
 
 impl HeldChild {
-    fn spawn(command: &[String]) -> Result<HeldChild, Error> {
+    /// With `json_on_stdout`, the command's stdout goes to stderr so that stdout stays JSON.
+    fn spawn(command: &[String], json_on_stdout: bool) -> Result<HeldChild, Error> {
         let spawn_err = |reason: String| Error::Spawn {
             command: command.join(" "),
             reason,
@@ -181,6 +180,9 @@ impl HeldChild {
             .arg(r#"read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; exec "$@""#)
             .arg("leaktrace-run")
             .args(command);
+        if json_on_stdout {
+            cmd.stdout(std::io::stderr());
+        }
         unsafe {
             cmd.pre_exec(move || {
                 if libc::dup2(read_fd, 3) < 0 {
@@ -297,8 +299,16 @@ fn progress_line(s: &Sample, rss0: u64, events: u64) -> String {
     } else {
         0.0
     };
+    let vm = match (s.vm_used, s.vm_allocated) {
+        (Some(u), Some(a)) => format!(
+            "  vm used/alloc {}/{}",
+            human_bytes(u as f64),
+            human_bytes(a as f64)
+        ),
+        _ => String::new(),
+    };
     format!(
-        "[{:>5.0}s] rss {} ({}/s)  carriers {}  mseg_cache {}  unexplained {}  events {}",
+        "[{:>5.0}s] rss {} ({}/s)  carriers {}  mseg_cache {}  unexplained {}{vm}  events {}",
         s.t_s,
         human_bytes(s.rss.unwrap_or(0) as f64),
         human_bytes(rate),
@@ -325,17 +335,24 @@ async fn sample_loop(
     };
     learned.learn(&traced, &mut ledger);
 
+    let mut vm = VmState::new(cfg.vm.as_ref());
+    vm.poll_connect(traced.pid, 0.0);
+
     let start = Instant::now();
     let Some(rss0) = ledger::read_rss(traced.pid) else {
         return Err(Error::NoSuchProcess { pid: traced.pid });
     };
     let baseline = rss0.anon;
-    let mut samples = vec![ledger::sample(
+    let mut first = ledger::sample(
         0.0,
         rss0,
         baseline,
         accounted(&ledger, &learned.names, carriers_live),
-    )];
+    );
+    if let Some((used, allocated)) = vm.sample(0.0) {
+        (first.vm_used, first.vm_allocated) = (Some(used), Some(allocated));
+    }
+    let mut samples = vec![first];
     let progress = cfg.progress && std::io::stderr().is_terminal();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::Load(e.to_string()))?;
@@ -359,12 +376,17 @@ async fn sample_loop(
                 let exited = traced.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
                 let rss: Option<Rss> = if exited { None } else { ledger::read_rss(traced.pid) };
                 let Some(rss) = rss else { break EndReason::TargetExited };
-                let s = ledger::sample(
-                    start.elapsed().as_secs_f64(),
+                let t_s = start.elapsed().as_secs_f64();
+                let mut s = ledger::sample(
+                    t_s,
                     rss,
                     baseline,
                     accounted(&ledger, &learned.names, carriers_live),
                 );
+                vm.poll_connect(traced.pid, t_s);
+                if let Some((used, allocated)) = vm.sample(t_s) {
+                    (s.vm_used, s.vm_allocated) = (Some(used), Some(allocated));
+                }
                 if progress {
                     eprint!("\r\x1b[2K{}", progress_line(&s, rss0.rss, ledger.events()));
                 }
@@ -387,11 +409,16 @@ async fn sample_loop(
     let probes = tracer.probe_stats();
     drop(tracer); // detach every probe before anything else can fail
 
-    let mut source_notes = vec![
-        "no VM connection: vm_used and vm_allocated are not measured (null)".to_string(),
+    let (vm_evidence, vm_note) = vm.finish(duration_s);
+    let vm_connection = vm_evidence.as_ref().is_some_and(|e| !e.samples.is_empty());
+    let mut source_notes: Vec<String> = vm_note.into_iter().collect();
+    if !vm_connection {
+        source_notes.push("vm_used and vm_allocated are not measured (null)".into());
+    }
+    source_notes.push(
         "native probes (malloc family, enif/driver API) not attached: native_outstanding is null"
-            .to_string(),
-    ];
+            .into(),
+    );
     if !learned.names_read {
         source_notes.push(
             "allocator names could not be read from the target (erts_alc_a2ad): carriers are named by number"
@@ -424,6 +451,7 @@ async fn sample_loop(
         end,
         sources: Sources {
             carrier_probes: carriers_live,
+            vm_connection,
             ..Default::default()
         },
         source_notes,
@@ -436,6 +464,7 @@ async fn sample_loop(
             peak_rss: ledger::own_peak_rss(),
             events: ledger.events(),
         },
+        vm: vm_evidence,
     })
 }
 

@@ -1,0 +1,356 @@
+//! End to end against real beam.smp nodes running small C NIFs (built here with gcc against
+//! erl_nif.h): the leaktrace binary attaches, traces and judges; bad input is refused.
+
+mod support;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::privileged;
+
+const LEAKTRACE: &str = env!("CARGO_BIN_EXE_leaktrace");
+
+/// Nodes and tracers share two cores: one scenario at a time keeps timings honest.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fixtures_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds lt_nif.so and the .beam files once per test binary.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("beam-fixtures");
+        fs::create_dir_all(&dir).unwrap();
+        let root = run_ok(Command::new("erl").args([
+            "-noshell",
+            "-eval",
+            "io:format(\"~s\", [code:root_dir()]), halt().",
+        ]));
+        let src = fixtures_src();
+        run_ok(
+            Command::new("gcc")
+                .args(["-shared", "-fPIC", "-O2", "-o"])
+                .arg(dir.join("lt_nif.so"))
+                .arg(src.join("lt_nif.c"))
+                .arg(format!("-I{root}/usr/include")),
+        );
+        run_ok(
+            Command::new("erlc")
+                .arg("-o")
+                .arg(&dir)
+                .arg(src.join("lt_nif.erl"))
+                .arg(src.join("lt_load.erl")),
+        );
+        dir
+    })
+}
+
+/// A beam.smp node killed on drop.
+struct Node {
+    child: Child,
+}
+
+impl Node {
+    fn start(eval: &str) -> Node {
+        let child = Command::new("erl")
+            .args(["-noshell", "-pa"])
+            .arg(fixtures())
+            .args(["-eval", eval])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start erl");
+        let node = Node { child };
+        // erl execs erlexec, which execs beam.smp: same PID once it is the emulator.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !fs::read_link(format!("/proc/{}/exe", node.pid()))
+            .is_ok_and(|e| e.to_string_lossy().ends_with("beam.smp"))
+        {
+            assert!(Instant::now() < deadline, "node did not start beam.smp");
+            thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn leaktrace(args: &[&str]) -> Output {
+    Command::new(LEAKTRACE)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run leaktrace")
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not report.json ({e}); stderr: {}\nstdout: {}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn leftover_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| n.starts_with("mseg_") || n.starts_with("literal_") || n == "mmap_ret")
+        })
+        .count()
+}
+
+fn attach_json(pid: u32, duration: &str) -> (Output, Value) {
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        duration,
+        "--interval",
+        "500ms",
+        "--json",
+    ]);
+    let report = json(&out);
+    (out, report)
+}
+
+#[test]
+fn leaking_nif_is_a_native_leak() {
+    if !privileged("leaking_nif_is_a_native_leak") {
+        return;
+    }
+    let _s = serial();
+    // 256 KiB every 20 ms, pages touched: about 12 MiB/s outside any ERTS carrier.
+    let node = Node::start("lt_load:leak_forever(262144, 20)");
+    thread::sleep(Duration::from_secs(1));
+    let (out, report) = attach_json(node.pid(), "8s");
+    assert_eq!(out.status.code(), Some(1), "stderr: {}\n{report:#}", stderr(&out));
+    assert_eq!(report["verdict"]["kind"], "native_leak", "{:#}", report["verdict"]);
+    assert_eq!(report["schema"], 1);
+    assert_eq!(report["target"]["pid"], node.pid());
+    assert_eq!(report["target"]["otp_release"].as_str().map(|s| s.starts_with("2")), Some(true));
+    assert_eq!(report["sources"]["carrier_probes"], true);
+    assert_eq!(report["sources"]["vm_connection"], false);
+    let samples = report["samples"].as_array().unwrap();
+    assert!(samples.len() >= 12, "{} samples", samples.len());
+    let first = &samples[0];
+    let last = samples.last().unwrap();
+    let grew = last["rss_anon"].as_i64().unwrap() - first["rss_anon"].as_i64().unwrap();
+    assert!(grew > 50 << 20, "rss_anon grew only {grew} bytes");
+    assert!(last["unexplained"].as_i64().unwrap() > 40 << 20);
+    assert!(last["vm_used"].is_null() && last["native_outstanding"].is_null());
+    let attached: Vec<&str> = report["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["attached"] == true)
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for required in ["mseg_alloc", "mseg_alloc_ret", "mseg_dealloc", "mmap", "mmap_ret", "munmap"] {
+        assert!(attached.contains(&required), "{required} not attached: {attached:?}");
+    }
+    assert_eq!(report["losses"]["events_lost"], 0);
+    assert_eq!(leftover_programs(), 0, "probes left behind");
+    drop(node);
+}
+
+#[test]
+fn healthy_churning_node_is_healthy() {
+    if !privileged("healthy_churning_node_is_healthy") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::start("lt_load:healthy_forever(10)");
+    // Let the node reach its working set: growth during boot is not what we judge.
+    thread::sleep(Duration::from_secs(3));
+    let (out, report) = attach_json(node.pid(), "8s");
+    assert_eq!(report["verdict"]["kind"], "healthy", "{:#}", report["verdict"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    // The churn makes carrier traffic: the probes really saw it.
+    let hits: u64 = report["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["hits"].as_u64().unwrap())
+        .sum();
+    assert!(hits > 0, "no probe hits on a churning node");
+}
+
+#[test]
+fn run_traces_from_the_first_allocation_and_ends_with_the_command() {
+    if !privileged("run_traces_from_the_first_allocation_and_ends_with_the_command") {
+        return;
+    }
+    let _s = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("run.json");
+    let pa = fixtures().to_str().unwrap().to_owned();
+    let out = leaktrace(&[
+        "run",
+        "--duration",
+        "60s",
+        "--interval",
+        "500ms",
+        "--json",
+        "--record",
+        record.to_str().unwrap(),
+        "--",
+        "erl",
+        "-noshell",
+        "-pa",
+        &pa,
+        "-eval",
+        "lists:foreach(fun(_) -> lt_nif:leak(262144), timer:sleep(20) end, lists:seq(1, 350)), halt().",
+    ]);
+    let report = json(&out);
+    assert_eq!(report["end"], "target_exited", "stderr: {}", stderr(&out));
+    assert_eq!(report["verdict"]["kind"], "native_leak", "{:#}", report["verdict"]);
+    // Boot creates carriers for every allocator: seeing them proves the probes were live
+    // before beam.smp's first allocation.
+    let mseg_hits = report["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "mseg_alloc_ret")
+        .unwrap()["hits"]
+        .as_u64()
+        .unwrap();
+    assert!(mseg_hits >= 10, "only {mseg_hits} carriers seen from boot");
+    let named: Vec<String> = report["allocators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(named.iter().any(|n| n == "eheap_alloc"), "allocators: {named:?}");
+
+    // The recording re-judges to the same verdict without privileges or a node.
+    let again = leaktrace(&["report", record.to_str().unwrap(), "--json"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(json(&again)["verdict"]["kind"], "native_leak");
+}
+
+#[test]
+fn target_exiting_mid_run_still_reports() {
+    if !privileged("target_exiting_mid_run_still_reports") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::start("timer:sleep(3000), halt().");
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("report");
+    let started = Instant::now();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &node.pid().to_string(),
+        "--duration",
+        "60s",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(started.elapsed() < Duration::from_secs(30), "did not notice the exit");
+    let report = json(&out);
+    assert_eq!(report["end"], "target_exited");
+    assert_ne!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    assert!(out_dir.join("report.json").exists() && out_dir.join("report.md").exists());
+    assert_eq!(leftover_programs(), 0);
+}
+
+#[test]
+fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
+    if !privileged("bad_input_is_refused_with_exit_2_and_leaves_nothing") {
+        return;
+    }
+    let _s = serial();
+    // A PID that does not exist.
+    let out = leaktrace(&["attach", "--pid", "99999999", "--duration", "2s"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no process with PID 99999999"), "{}", stderr(&out));
+
+    // A PID that is not beam.smp.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = leaktrace(&["attach", "--pid", &sleeper.id().to_string(), "--duration", "2s"]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not beam.smp"), "{}", stderr(&out));
+
+    let node = Node::start("timer:sleep(60000)");
+    let pid = node.pid().to_string();
+
+    // Without privileges (no capabilities, user nobody).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .args([LEAKTRACE, "attach", "--pid", &pid, "--duration", "2s"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs root"), "{}", stderr(&out));
+
+    // A second leaktrace on the same target.
+    let first = Command::new(LEAKTRACE)
+        .args(["attach", "--pid", &pid, "--duration", "6s", "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let second = leaktrace(&["attach", "--pid", &pid, "--duration", "2s"]);
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert!(stderr(&second).contains("already tracing"), "{}", stderr(&second));
+    assert_ne!(first.status.code(), Some(2), "first tracer failed: {}", stderr(&first));
+
+    // A corrupt recording.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    fs::write(&bad, b"{\"schema\": 1, \"samples\": [").unwrap();
+    let out = leaktrace(&["report", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not a valid leaktrace recording"), "{}", stderr(&out));
+
+    // The node survived all of it, and no probe is left in the kernel.
+    assert!(fs::read_link(format!("/proc/{pid}/exe")).is_ok(), "target harmed");
+    assert_eq!(leftover_programs(), 0, "probes left behind");
+}
