@@ -142,6 +142,12 @@ pub struct ThresholdArgs {
     /// Share of the RSS growth a line must explain to be named the cause, 0..1 [default: 0.5].
     #[arg(long)]
     pub explained_fraction: Option<f64>,
+    /// Fragmentation needs an allocator with at least this much free carrier space, MiB [default: 64].
+    #[arg(long, value_name = "MIB")]
+    pub frag_min_free: Option<f64>,
+    /// ...using at most this share of its carriers, 0..1 [default: 0.5].
+    #[arg(long)]
+    pub frag_max_usage: Option<f64>,
 }
 
 /// Parses "60s", "5m", "500ms", or a bare number of seconds.
@@ -160,20 +166,21 @@ impl ThresholdArgs {
             }
             _ => Ok(v),
         };
-        let fraction = match self.explained_fraction {
+        let unit = |name: &str, v: Option<f64>| match v {
             Some(f) if !(f > 0.0 && f <= 1.0) => {
-                return Err(Error::Usage(format!(
-                    "--explained-fraction must be in (0, 1], got {f}"
-                )));
+                Err(Error::Usage(format!("--{name} must be in (0, 1], got {f}")))
             }
-            f => f,
+            f => Ok(f),
         };
         Ok(ThresholdOverrides {
             min_growth_bytes_per_s: positive("min-growth", self.min_growth)?.map(|k| k * 1024.0),
             min_total_growth_bytes: positive("min-total", self.min_total)?
                 .map(|m| m * 1024.0 * 1024.0),
             min_duration_s: self.min_duration.map(|d| d.as_secs_f64()),
-            explained_fraction: fraction,
+            explained_fraction: unit("explained-fraction", self.explained_fraction)?,
+            frag_min_free_bytes: positive("frag-min-free", self.frag_min_free)?
+                .map(|m| m * 1024.0 * 1024.0),
+            frag_max_usage: unit("frag-max-usage", self.frag_max_usage)?,
         })
     }
 }

@@ -79,6 +79,10 @@ pub struct ThresholdOverrides {
     pub min_duration_s: Option<f64>,
     /// `--explained-fraction`.
     pub explained_fraction: Option<f64>,
+    /// `--frag-min-free` in bytes.
+    pub frag_min_free_bytes: Option<f64>,
+    /// `--frag-max-usage`.
+    pub frag_max_usage: Option<f64>,
 }
 
 impl ThresholdOverrides {
@@ -93,6 +97,8 @@ impl ThresholdOverrides {
                 .unwrap_or(base.min_total_growth_bytes),
             min_duration_s: self.min_duration_s.unwrap_or(base.min_duration_s),
             explained_fraction: self.explained_fraction.unwrap_or(base.explained_fraction),
+            frag_min_free_bytes: self.frag_min_free_bytes.unwrap_or(base.frag_min_free_bytes),
+            frag_max_usage: self.frag_max_usage.unwrap_or(base.frag_max_usage),
         }
     }
 }

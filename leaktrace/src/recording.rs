@@ -193,6 +193,20 @@ pub struct Thresholds {
     pub min_duration_s: f64,
     /// Fraction of RSS growth a line must explain to be called the cause (0..1).
     pub explained_fraction: f64,
+    /// Fragmentation: an allocator holds at least this many free carrier bytes...
+    #[serde(default = "default_frag_min_free")]
+    pub frag_min_free_bytes: f64,
+    /// ...and uses at most this fraction of its carriers (0..1).
+    #[serde(default = "default_frag_max_usage")]
+    pub frag_max_usage: f64,
+}
+
+fn default_frag_min_free() -> f64 {
+    Thresholds::default().frag_min_free_bytes
+}
+
+fn default_frag_max_usage() -> f64 {
+    Thresholds::default().frag_max_usage
 }
 
 impl Default for Thresholds {
@@ -202,6 +216,8 @@ impl Default for Thresholds {
             min_total_growth_bytes: 4.0 * 1024.0 * 1024.0,
             min_duration_s: 5.0,
             explained_fraction: 0.5,
+            frag_min_free_bytes: 64.0 * 1024.0 * 1024.0,
+            frag_max_usage: 0.5,
         }
     }
 }

@@ -62,7 +62,8 @@ fn fixtures() -> &'static Path {
                 .arg("-o")
                 .arg(&dir)
                 .arg(src.join("lt_nif.erl"))
-                .arg(src.join("lt_load.erl")),
+                .arg(src.join("lt_load.erl"))
+                .arg(src.join("lt_vm.erl")),
         );
         dir
     })
@@ -75,7 +76,28 @@ struct Node {
 
 impl Node {
     fn start(eval: &str) -> Node {
+        Node::start_with(&[], eval)
+    }
+
+    /// A distributed node (`-sname`), reachable by the VM view with the default cookie file.
+    fn distributed(name: &str, eval: &str) -> Node {
+        let node = Node::start_with(&["-sname", name], eval);
+        // Distribution registers with epmd a moment after beam.smp starts.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !Command::new("epmd")
+            .arg("-names")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("name {name} ")))
+        {
+            assert!(Instant::now() < deadline, "node {name} never registered with epmd");
+            thread::sleep(Duration::from_millis(50));
+        }
+        node
+    }
+
+    fn start_with(extra: &[&str], eval: &str) -> Node {
         let child = Command::new("erl")
+            .args(extra)
             .args(["-noshell", "-pa"])
             .arg(fixtures())
             .args(["-eval", eval])
@@ -353,4 +375,141 @@ fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
     // The node survived all of it, and no probe is left in the kernel.
     assert!(fs::read_link(format!("/proc/{pid}/exe")).is_ok(), "target harmed");
     assert_eq!(leftover_programs(), 0, "probes left behind");
+}
+
+fn attach_vm(pid: u32, duration: &str, extra: &[&str]) -> (Output, Value) {
+    let pid = pid.to_string();
+    let mut args = vec!["attach", "--pid", &pid, "--duration", duration, "--interval", "500ms", "--json"];
+    args.extend_from_slice(extra);
+    let out = leaktrace(&args);
+    let report = json(&out);
+    (out, report)
+}
+
+fn culprit_names(report: &Value) -> Vec<String> {
+    report["verdict"]["culprits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn emptied_ets_table_is_fragmentation_of_ets_alloc() {
+    if !privileged("emptied_ets_table_is_fragmentation_of_ets_alloc") {
+        return;
+    }
+    let _s = serial();
+    // ~300 MB of ETS objects, 95% deleted: carriers pinned by the survivors stay mostly empty.
+    let node = Node::distributed("lt_frag", "lt_vm:fragment(400000, 40)");
+    // Wait until the fill and delete are done: RSS stops moving.
+    let mut last = 0;
+    for _ in 0..60 {
+        thread::sleep(Duration::from_millis(500));
+        let rss = fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+        let now: u64 = rss
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap();
+        if now > 100_000 && now.abs_diff(last) < 1024 {
+            break;
+        }
+        last = now;
+    }
+    let (out, report) = attach_vm(node.pid(), "6s", &[]);
+    assert_eq!(report["sources"]["vm_connection"], true, "{:#}", report["source_notes"]);
+    assert_eq!(report["verdict"]["kind"], "fragmentation", "{:#}", report["verdict"]);
+    assert_eq!(out.status.code(), Some(0));
+    let names = culprit_names(&report);
+    assert!(names.first().is_some_and(|n| n.starts_with("ets_alloc")), "culprits: {names:?}");
+    let last = report["samples"].as_array().unwrap().last().unwrap().clone();
+    let (used, allocated) = (last["vm_used"].as_u64().unwrap(), last["vm_allocated"].as_u64().unwrap());
+    assert!(allocated > 4 * used, "usage {used}/{allocated} is not fragmented");
+    let kinds: Vec<&str> = report["verdict"]["ruled_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"native_leak"), "native_leak not ruled out: {kinds:?}");
+}
+
+#[test]
+fn growing_ets_table_is_vm_growth_naming_the_table() {
+    if !privileged("growing_ets_table_is_vm_growth_naming_the_table") {
+        return;
+    }
+    let _s = serial();
+    // 4000 objects of ~450 bytes every 50 ms: about 35 MiB/s into one table.
+    let node = Node::distributed("lt_table", "lt_vm:grow_table(4000, 50)");
+    thread::sleep(Duration::from_secs(1));
+    let (out, report) = attach_vm(node.pid(), "8s", &[]);
+    assert_eq!(report["verdict"]["kind"], "vm_growth", "{:#}", report["verdict"]);
+    assert_eq!(out.status.code(), Some(1));
+    let names = culprit_names(&report);
+    assert!(names.iter().any(|n| n.contains("lt_growing")), "culprits: {names:?}");
+}
+
+#[test]
+fn growing_mailbox_is_vm_growth_naming_the_process() {
+    if !privileged("growing_mailbox_is_vm_growth_naming_the_process") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::distributed("lt_mbox", "lt_vm:grow_mailbox(3000, 50)");
+    thread::sleep(Duration::from_secs(1));
+    let (out, report) = attach_vm(node.pid(), "8s", &[]);
+    assert_eq!(report["verdict"]["kind"], "vm_growth", "{:#}", report["verdict"]);
+    assert_eq!(out.status.code(), Some(1));
+    let culprits = report["verdict"]["culprits"].as_array().unwrap();
+    let sink = culprits
+        .iter()
+        .find(|c| c["name"].as_str().is_some_and(|n| n.contains("lt_sink")))
+        .unwrap_or_else(|| panic!("lt_sink not named: {culprits:#?}"));
+    let detail = sink["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("message_queue_len"), "{sink:#}");
+}
+
+#[test]
+fn wrong_cookie_gives_os_level_report_with_the_reason() {
+    if !privileged("wrong_cookie_gives_os_level_report_with_the_reason") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::distributed("lt_cookie", "lt_load:leak_forever(262144, 20)");
+    thread::sleep(Duration::from_secs(1));
+    let (out, report) = attach_vm(node.pid(), "6s", &["--cookie", "not-the-cookie"]);
+    assert_eq!(report["sources"]["vm_connection"], false);
+    let notes = report["source_notes"].to_string();
+    assert!(notes.contains("wrong cookie"), "{notes}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("not-the-cookie"), "cookie leaked into the report");
+    assert!(!stderr(&out).contains("not-the-cookie"), "cookie leaked to stderr");
+    assert_eq!(report["verdict"]["kind"], "native_leak", "{:#}", report["verdict"]);
+}
+
+#[test]
+fn vm_snapshot_names_allocators_processes_and_tables() {
+    if !privileged("vm_snapshot_names_allocators_processes_and_tables") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::distributed("lt_snap", "lt_vm:grow_table(100, 200)");
+    thread::sleep(Duration::from_secs(1));
+    let out = leaktrace(&["vm", "--pid", &node.pid().to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["ets_alloc", "eheap_alloc", "lt_growing", "lt_table_owner", "atoms:"] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    let out = leaktrace(&["vm", "--pid", &node.pid().to_string(), "--json"]);
+    let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(snap["census"]["process_count"].as_u64().unwrap() > 10);
+    assert!(snap["usage"].as_f64().unwrap() > 0.0);
+    // A node that is not distributed: clear error, exit 2.
+    let plain = Node::start("timer:sleep(60000)");
+    let out = leaktrace(&["vm", "--pid", &plain.pid().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not distributed"), "{}", stderr(&out));
 }

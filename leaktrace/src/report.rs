@@ -1,0 +1,308 @@
+//! Reports: report.json (schema 1: the recording plus the verdict), report.md for humans, and
+//! the short summary printed at the end of a run.
+
+use std::{fmt::Write as _, fs, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::Error,
+    recording::{Recording, Sample},
+    verdict::{Verdict, judge},
+};
+
+/// A judged recording; serialized as report.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Everything recorded (flattened: `schema`, `target`, `samples`, ... at top level).
+    #[serde(flatten)]
+    pub recording: Recording,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+impl Report {
+    /// Judges `recording`.
+    pub fn new(recording: Recording) -> Report {
+        let verdict = judge(&recording);
+        Report { recording, verdict }
+    }
+}
+
+/// Bytes for humans: "12.3 MiB", "-4.0 KiB", "512 B".
+pub fn human_bytes(bytes: f64) -> String {
+    let sign = if bytes < 0.0 { "-" } else { "" };
+    let b = bytes.abs();
+    const K: f64 = 1024.0;
+    if b >= K * K * K {
+        format!("{sign}{:.2} GiB", b / (K * K * K))
+    } else if b >= K * K {
+        format!("{sign}{:.1} MiB", b / (K * K))
+    } else if b >= K {
+        format!("{sign}{:.1} KiB", b / K)
+    } else {
+        format!("{sign}{b:.0} B")
+    }
+}
+
+/// report.json text.
+pub fn to_json(report: &Report) -> String {
+    serde_json::to_string_pretty(report).expect("a report always serializes")
+}
+
+fn icell(v: Option<i64>) -> String {
+    v.map_or("—".into(), |b| human_bytes(b as f64))
+}
+
+fn ucell(v: Option<u64>) -> String {
+    v.map_or("—".into(), |b| human_bytes(b as f64))
+}
+
+/// Samples shown in the ledger table: all of a short run, else first, evenly spaced, last.
+fn shown(samples: &[Sample]) -> Vec<&Sample> {
+    const MAX: usize = 12;
+    if samples.len() <= MAX {
+        return samples.iter().collect();
+    }
+    let step = (samples.len() - 1) as f64 / (MAX - 1) as f64;
+    (0..MAX)
+        .map(|i| &samples[((i as f64 * step).round() as usize).min(samples.len() - 1)])
+        .collect()
+}
+
+/// report.md text.
+pub fn to_markdown(report: &Report) -> String {
+    let r = &report.recording;
+    let v = &report.verdict;
+    let mut o = String::new();
+    let _ = writeln!(o, "# leaktrace report: {}\n", v.kind.as_str());
+    let _ = writeln!(o, "**{}**\n", v.summary);
+    let _ = writeln!(
+        o,
+        "- target: PID {} `{}`, OTP {}, node {}",
+        r.target.pid,
+        r.target.exe,
+        r.target.otp_release.as_deref().unwrap_or("unknown"),
+        r.target.node.as_deref().unwrap_or("not distributed")
+    );
+    let _ = writeln!(
+        o,
+        "- run: {:.1} s, sample every {:.1} s, ended by {:?}; leaktrace {}",
+        r.duration_s, r.interval_s, r.end, r.tool_version
+    );
+    let _ = writeln!(
+        o,
+        "- exit code {}\n",
+        v.kind.exit_code()
+    );
+    if !v.culprits.is_empty() {
+        let _ = writeln!(o, "## Culprits\n\n| kind | name | bytes | growth | detail |\n|---|---|---:|---:|---|");
+        for c in &v.culprits {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {}/s | {} |",
+                c.kind,
+                c.name,
+                human_bytes(c.bytes as f64),
+                human_bytes(c.growth_bytes_per_s),
+                c.detail.as_deref().unwrap_or("")
+            );
+        }
+        o.push('\n');
+    }
+    if !v.secondary.is_empty() {
+        let _ = writeln!(o, "## Also found\n");
+        for f in &v.secondary {
+            let names: Vec<&str> = f.culprits.iter().map(|c| c.name.as_str()).collect();
+            let _ = writeln!(o, "- **{}**: {} ({})", f.kind.as_str(), f.summary, names.join(", "));
+        }
+        o.push('\n');
+    }
+    let _ = writeln!(o, "## Ruled out\n");
+    for x in &v.ruled_out {
+        let _ = writeln!(o, "- **{}**: {}", x.kind.as_str(), x.reason);
+    }
+    let _ = writeln!(
+        o,
+        "\n## Ledger\n\nProbe lines (carriers, mseg_cache, native) are changes since attach; baseline is rss_anon at attach; unexplained = rss_anon - baseline - carriers - mseg_cache - native. — = not measured.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| t (s) | rss | rss_anon | carriers | mseg_cache | vm_used | vm_allocated | native | unexplained |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for s in shown(&r.samples) {
+        let _ = writeln!(
+            o,
+            "| {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.t_s,
+            ucell(s.rss),
+            ucell(s.rss_anon),
+            icell(s.carriers),
+            icell(s.mseg_cache),
+            ucell(s.vm_used),
+            ucell(s.vm_allocated),
+            icell(s.native_outstanding),
+            icell(s.unexplained)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n## Trends\n\n| line | slope | growth over run | 2nd half | r² | grows |\n|---|---:|---:|---:|---:|---|"
+    );
+    for t in &v.trends {
+        let _ = writeln!(
+            o,
+            "| {} | {}/s | {} | {} | {:.2} | {} |",
+            t.line,
+            human_bytes(t.slope_bytes_per_s),
+            human_bytes(t.growth_bytes),
+            t.second_half_bytes_per_s
+                .map_or("—".into(), |h| format!("{}/s", human_bytes(h))),
+            t.r2,
+            if t.grows { "yes" } else { "no" }
+        );
+    }
+    if !r.allocators.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n## Carriers seen by the probes (changes since attach)\n\n| allocator | created | destroyed | net | live seen |\n|---|---:|---:|---:|---:|"
+        );
+        for a in &r.allocators {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} ({}) |",
+                a.name,
+                a.created,
+                a.destroyed,
+                human_bytes(a.net_bytes as f64),
+                a.live_seen,
+                human_bytes(a.live_seen_bytes as f64)
+            );
+        }
+    }
+    if let Some(vm) = &r.vm
+        && let Some(last) = vm.samples.last()
+    {
+        let _ = writeln!(
+            o,
+            "\n## VM allocators at the end (node {})\n\n| allocator | used | allocated | usage | pooled |\n|---|---:|---:|---:|---:|",
+            vm.node
+        );
+        let mut rows: Vec<_> = last.by_allocator().into_values().collect();
+        rows.sort_by_key(|a| std::cmp::Reverse(a.carriers));
+        for a in rows.iter().filter(|a| a.carriers > 0) {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.0}% | {} |",
+                a.name,
+                human_bytes(a.blocks as f64),
+                human_bytes(a.carriers as f64),
+                100.0 * a.blocks as f64 / a.carriers as f64,
+                human_bytes(a.pool_carriers as f64)
+            );
+        }
+        if let Some(c) = &vm.census_end {
+            let _ = writeln!(
+                o,
+                "\n{} processes, {} ETS tables, {} of {} atoms at the end.",
+                c.process_count, c.table_count, c.atom_count, c.atom_limit
+            );
+        }
+    }
+    let _ = writeln!(o, "\n## Sources\n");
+    let s = &r.sources;
+    for (name, on) in [
+        ("carrier probes", s.carrier_probes),
+        ("NIF/driver API probes", s.nif_api_probes),
+        ("native probes", s.native_probes),
+        ("block probes", s.block_probes),
+        ("VM connection", s.vm_connection),
+    ] {
+        let _ = writeln!(o, "- {name}: {}", if on { "yes" } else { "no" });
+    }
+    for n in &r.source_notes {
+        let _ = writeln!(o, "- note: {n}");
+    }
+    let _ = writeln!(o, "\n## Probes\n\n| program | symbol | attached | hits |\n|---|---|---|---:|");
+    for p in &r.probes {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} |",
+            p.name,
+            p.symbol,
+            if p.attached { "yes".to_string() } else { format!("no: {}", p.error.as_deref().unwrap_or("")) },
+            p.hits
+        );
+    }
+    let l = &r.losses;
+    let _ = writeln!(
+        o,
+        "\n## Losses\n\nevents lost {}, map full {}, probe errors {}, missed entries {}, unknown-size frees {}.",
+        l.events_lost, l.map_full, l.probe_errors, l.missed_entries, l.unknown_frees
+    );
+    let t = &r.thresholds;
+    let _ = writeln!(
+        o,
+        "\n## Thresholds\n\ngrowth floor {}/s and {} over the run (sustained in the second half); minimum run {:.0} s; explained fraction {:.2}; fragmentation: {} free at usage ≤ {:.0}%.\n\nTracer: peak RSS {}, {} carrier events.",
+        human_bytes(t.min_growth_bytes_per_s),
+        human_bytes(t.min_total_growth_bytes),
+        t.min_duration_s,
+        t.explained_fraction,
+        human_bytes(t.frag_min_free_bytes),
+        t.frag_max_usage * 100.0,
+        human_bytes(r.tracer.peak_rss as f64),
+        r.tracer.events
+    );
+    o
+}
+
+/// The few lines printed at the end of a run.
+pub fn terminal_summary(report: &Report) -> String {
+    let v = &report.verdict;
+    let mut o = format!("verdict: {} — {}", v.kind.as_str(), v.summary);
+    for c in v.culprits.iter().take(5) {
+        let _ = write!(
+            o,
+            "\n  culprit: {} {} — {} (growing {}/s){}",
+            c.kind,
+            c.name,
+            human_bytes(c.bytes as f64),
+            human_bytes(c.growth_bytes_per_s),
+            c.detail.as_deref().map(|d| format!("; {d}")).unwrap_or_default()
+        );
+    }
+    for f in &v.secondary {
+        let _ = write!(o, "\n  also: {} — {}", f.kind.as_str(), f.summary);
+    }
+    for x in &v.ruled_out {
+        let _ = write!(o, "\n  not {}: {}", x.kind.as_str(), x.reason);
+    }
+    o
+}
+
+/// Writes report.json and report.md into `dir` (created if needed).
+pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::ReportIo { path, source }
+    };
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let json = dir.join("report.json");
+    fs::write(&json, to_json(report)).map_err(io(&json))?;
+    let md = dir.join("report.md");
+    fs::write(&md, to_markdown(report)).map_err(io(&md))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bytes(-3.0 * 1024.0 * 1024.0), "-3.0 MiB");
+        assert_eq!(human_bytes(2.0 * 1024.0 * 1024.0 * 1024.0), "2.00 GiB");
+    }
+}

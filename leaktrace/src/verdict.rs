@@ -1,0 +1,587 @@
+//! The verdict: a pure function of a [`Recording`]. It reads trends (least-squares slopes over
+//! the whole run, sustained in its second half) and levels (usage = used / allocated), never
+//! one sample, and explains every verdict it did not choose.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    recording::{Census, Recording, Sample, Thresholds, VmEvidence},
+    report::human_bytes,
+    trend::{Growth, growth, series},
+};
+
+/// The answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictKind {
+    /// Nothing grows and no allocator is badly fragmented.
+    Healthy,
+    /// ERTS allocators hold mostly empty carriers.
+    Fragmentation,
+    /// Memory outside ERTS carriers grows.
+    NativeLeak,
+    /// Memory the VM accounts for grows (tables, processes, binaries).
+    VmGrowth,
+    /// The evidence does not decide; the summary says what was missing.
+    Inconclusive,
+}
+
+impl VerdictKind {
+    /// Exit code: 0 healthy or fragmentation, 1 native_leak or vm_growth, 3 inconclusive.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            VerdictKind::Healthy | VerdictKind::Fragmentation => 0,
+            VerdictKind::NativeLeak | VerdictKind::VmGrowth => 1,
+            VerdictKind::Inconclusive => 3,
+        }
+    }
+
+    /// snake_case name, as in report.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictKind::Healthy => "healthy",
+            VerdictKind::Fragmentation => "fragmentation",
+            VerdictKind::NativeLeak => "native_leak",
+            VerdictKind::VmGrowth => "vm_growth",
+            VerdictKind::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// Who is responsible, with numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Culprit {
+    /// `allocator`, `ets_table`, `process`, `binary_holder`, `unexplained`.
+    pub kind: String,
+    /// Name an operator can act on.
+    pub name: String,
+    /// Bytes it holds (at the end of the run).
+    pub bytes: i64,
+    /// How fast it grew.
+    pub growth_bytes_per_s: f64,
+    /// More numbers (usage, queue length, instance...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A verdict not chosen and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RuledOut {
+    /// The verdict.
+    pub kind: VerdictKind,
+    /// Why not, with numbers.
+    pub reason: String,
+}
+
+/// A finding besides the primary verdict (several causes can hold at once).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    /// What it is.
+    pub kind: VerdictKind,
+    /// One line.
+    pub summary: String,
+    /// Who.
+    pub culprits: Vec<Culprit>,
+}
+
+/// The trend of one ledger line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrendLine {
+    /// Ledger line name.
+    pub line: String,
+    /// Least-squares slope over the run.
+    pub slope_bytes_per_s: f64,
+    /// Fitted growth over the run.
+    pub growth_bytes: f64,
+    /// Slope over the second half of the run.
+    pub second_half_bytes_per_s: Option<f64>,
+    /// Fit quality.
+    pub r2: f64,
+    /// Whether it counts as growing.
+    pub grows: bool,
+}
+
+/// The verdict with its evidence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Primary verdict.
+    pub kind: VerdictKind,
+    /// One or two sentences with numbers.
+    pub summary: String,
+    /// Culprits of the primary verdict, most important first.
+    pub culprits: Vec<Culprit>,
+    /// Other verdicts that also hold.
+    pub secondary: Vec<Finding>,
+    /// Verdicts not chosen, each with its reason.
+    pub ruled_out: Vec<RuledOut>,
+    /// Trends of the ledger lines.
+    pub trends: Vec<TrendLine>,
+}
+
+fn rate(bytes_per_s: f64) -> String {
+    format!("{}/s", human_bytes(bytes_per_s))
+}
+
+type Line = fn(&Sample) -> Option<f64>;
+
+const LINES: &[(&str, Line)] = &[
+    ("rss", |s| s.rss.map(|v| v as f64)),
+    ("rss_anon", |s| s.rss_anon.map(|v| v as f64)),
+    ("carriers", |s| s.carriers.map(|v| v as f64)),
+    ("mseg_cache", |s| s.mseg_cache.map(|v| v as f64)),
+    ("native_outstanding", |s| s.native_outstanding.map(|v| v as f64)),
+    ("unexplained", |s| s.unexplained.map(|v| v as f64)),
+    ("vm_used", |s| s.vm_used.map(|v| v as f64)),
+    ("vm_allocated", |s| s.vm_allocated.map(|v| v as f64)),
+];
+
+/// Growth of every ledger line that has data.
+struct Trends {
+    lines: BTreeMap<&'static str, Growth>,
+}
+
+impl Trends {
+    fn of(rec: &Recording) -> Trends {
+        let lines = LINES
+            .iter()
+            .filter_map(|(name, f)| Some((*name, growth(&series(&rec.samples, f), &rec.thresholds)?)))
+            .collect();
+        Trends { lines }
+    }
+
+    fn get(&self, line: &str) -> Option<&Growth> {
+        self.lines.get(line)
+    }
+
+    fn grows(&self, line: &str) -> bool {
+        self.get(line).is_some_and(|g| g.grows)
+    }
+
+    fn slope(&self, line: &str) -> f64 {
+        self.get(line).map_or(0.0, |g| g.whole.slope_per_s)
+    }
+
+    fn describe(&self, line: &str) -> String {
+        match self.get(line) {
+            Some(g) => format!(
+                "{line} changed by {} at {}",
+                human_bytes(g.total),
+                rate(g.whole.slope_per_s)
+            ),
+            None => format!("{line} was not measured"),
+        }
+    }
+
+    fn to_lines(&self) -> Vec<TrendLine> {
+        LINES
+            .iter()
+            .filter_map(|(name, _)| {
+                let g = self.lines.get(name)?;
+                Some(TrendLine {
+                    line: (*name).into(),
+                    slope_bytes_per_s: g.whole.slope_per_s,
+                    growth_bytes: g.total,
+                    second_half_bytes_per_s: g.second_half.map(|h| h.slope_per_s),
+                    r2: g.whole.r2,
+                    grows: g.grows,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A candidate verdict with the rate of growth it explains (its strength).
+struct Candidate {
+    finding: Finding,
+    strength: f64,
+}
+
+/// Judges a recording.
+pub fn judge(rec: &Recording) -> Verdict {
+    let th = &rec.thresholds;
+    let trends = Trends::of(rec);
+    let rss_points = rec.samples.iter().filter(|s| s.rss_anon.is_some()).count();
+    if rec.duration_s < th.min_duration_s || rss_points < 3 {
+        return Verdict {
+            kind: VerdictKind::Inconclusive,
+            summary: format!(
+                "run too short: {:.1} s with {rss_points} RSS samples, need at least {:.0} s and 3 samples (--min-duration)",
+                rec.duration_s, th.min_duration_s
+            ),
+            culprits: Vec::new(),
+            secondary: Vec::new(),
+            ruled_out: Vec::new(),
+            trends: trends.to_lines(),
+        };
+    }
+
+    let rss_grows = trends.grows("rss_anon");
+    let rss_slope = trends.slope("rss_anon");
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut ruled_out: Vec<RuledOut> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    // native_leak: RSS grows and most of it is outside what ERTS carriers account for.
+    let unexplained_slope = trends.slope("unexplained");
+    if !rec.sources.carrier_probes {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::NativeLeak,
+            reason: "carrier probes were not attached, so memory outside carriers cannot be told apart".into(),
+        });
+    } else if rss_grows
+        && trends.grows("unexplained")
+        && unexplained_slope >= th.explained_fraction * rss_slope
+    {
+        let last = rec.samples.iter().rev().find_map(|s| s.unexplained).unwrap_or(0);
+        let native = rec.samples.iter().rev().find_map(|s| s.native_outstanding);
+        let culprit = match native {
+            Some(bytes) if trends.grows("native_outstanding") => Culprit {
+                kind: "native".into(),
+                name: "native allocations (malloc family / enif / driver)".into(),
+                bytes,
+                growth_bytes_per_s: trends.slope("native_outstanding"),
+                detail: None,
+            },
+            _ => Culprit {
+                kind: "unexplained".into(),
+                name: "memory outside ERTS carriers: NIF, driver or library malloc/mmap (native probes off)".into(),
+                bytes: last,
+                growth_bytes_per_s: unexplained_slope,
+                detail: Some(format!(
+                    "{:.0}% of the RSS growth",
+                    100.0 * unexplained_slope / rss_slope.max(1.0)
+                )),
+            },
+        };
+        candidates.push(Candidate {
+            strength: unexplained_slope,
+            finding: Finding {
+                kind: VerdictKind::NativeLeak,
+                summary: format!(
+                    "RSS grows {}; {} of it ({:.0}%) is outside ERTS carriers",
+                    rate(rss_slope),
+                    rate(unexplained_slope),
+                    100.0 * unexplained_slope / rss_slope.max(1.0)
+                ),
+                culprits: vec![culprit],
+            },
+        });
+    } else {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::NativeLeak,
+            reason: if rss_grows {
+                format!(
+                    "{}; it explains less than {:.0}% of the RSS growth ({})",
+                    trends.describe("unexplained"),
+                    th.explained_fraction * 100.0,
+                    rate(rss_slope)
+                )
+            } else {
+                format!("{}, under the growth floor", trends.describe("rss_anon"))
+            },
+        });
+    }
+
+    // The VM's own figures decide between VM growth and fragmentation.
+    let vm = rec.vm.as_ref().filter(|v| !v.samples.is_empty());
+    match vm {
+        Some(vm) => {
+            vm_findings(vm, &trends, th, &mut candidates, &mut ruled_out);
+        }
+        None => {
+            let carriers_slope = trends.slope("carriers") + trends.slope("mseg_cache");
+            if rss_grows && carriers_slope >= th.explained_fraction * rss_slope {
+                notes.push(format!(
+                    "ERTS carriers grow {} and explain the RSS growth; telling vm_growth from fragmentation needs the VM view (connect to the node: distributed node and cookie)",
+                    rate(carriers_slope)
+                ));
+            }
+            for kind in [VerdictKind::VmGrowth, VerdictKind::Fragmentation] {
+                ruled_out.push(RuledOut {
+                    kind,
+                    reason: "not judged: no VM connection (vm_used/vm_allocated unmeasured)".into(),
+                });
+            }
+        }
+    }
+
+    let losses = rec.losses.events_lost + rec.losses.map_full + rec.losses.missed_entries;
+    if losses > 0 {
+        notes.push(format!(
+            "{losses} probe events were lost (ring buffer or map full, missed entries): carrier figures are a lower bound"
+        ));
+    }
+
+    candidates.sort_by(|a, b| b.strength.total_cmp(&a.strength));
+    let mut findings = candidates.into_iter().map(|c| c.finding);
+    let (kind, summary, culprits) = match findings.next() {
+        Some(primary) => (primary.kind, primary.summary, primary.culprits),
+        None if rss_grows => (
+            VerdictKind::Inconclusive,
+            match notes.first() {
+                Some(n) => n.clone(),
+                None => format!(
+                    "RSS grows {} but neither carriers ({}) nor the unexplained remainder ({}) accounts for most of it",
+                    rate(rss_slope),
+                    rate(trends.slope("carriers")),
+                    rate(unexplained_slope)
+                ),
+            },
+            Vec::new(),
+        ),
+        None => (
+            VerdictKind::Healthy,
+            format!(
+                "no sustained growth: {} over {:.0} s",
+                trends.describe("rss_anon"),
+                rec.duration_s
+            ),
+            Vec::new(),
+        ),
+    };
+    let secondary: Vec<Finding> = findings.collect();
+    if kind != VerdictKind::Healthy && !ruled_out.iter().any(|r| r.kind == VerdictKind::Healthy) {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::Healthy,
+            reason: if rss_grows {
+                trends.describe("rss_anon")
+            } else {
+                "an allocator holds mostly empty carriers".into()
+            },
+        });
+    }
+    ruled_out.retain(|r| r.kind != kind && !secondary.iter().any(|f| f.kind == r.kind));
+    let mut summary = summary;
+    for n in notes.iter().skip(usize::from(kind == VerdictKind::Inconclusive)) {
+        summary.push_str("; ");
+        summary.push_str(n);
+    }
+    Verdict {
+        kind,
+        summary,
+        culprits,
+        secondary,
+        ruled_out,
+        trends: trends.to_lines(),
+    }
+}
+
+/// VM-level findings: vm_growth (used grows) and fragmentation (free carrier space, by level
+/// or by allocated growing faster than used).
+fn vm_findings(
+    vm: &VmEvidence,
+    trends: &Trends,
+    th: &Thresholds,
+    candidates: &mut Vec<Candidate>,
+    ruled_out: &mut Vec<RuledOut>,
+) {
+    let used_slope = trends.slope("vm_used");
+    if trends.grows("vm_used") {
+        let mut culprits = erlang_culprits(vm, th);
+        if culprits.is_empty() {
+            culprits = allocator_block_growth(vm, th);
+        }
+        let who = culprits
+            .first()
+            .map(|c| format!(": {} {}", c.kind.replace('_', " "), c.name))
+            .unwrap_or_default();
+        candidates.push(Candidate {
+            strength: used_slope,
+            finding: Finding {
+                kind: VerdictKind::VmGrowth,
+                summary: format!(
+                    "memory the VM uses grows {} (vm_used){who}",
+                    rate(used_slope)
+                ),
+                culprits,
+            },
+        });
+    } else {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::VmGrowth,
+            reason: format!("{}, under the growth floor", trends.describe("vm_used")),
+        });
+    }
+
+    // Fragmentation by level at the end of the run, per allocator.
+    let last = vm.samples.last().expect("non-empty checked by caller");
+    let mut fragmented: Vec<Culprit> = last
+        .by_allocator()
+        .into_values()
+        .filter(|a| a.name != "literal_alloc")
+        .filter(|a| {
+            a.free() as f64 >= th.frag_min_free_bytes
+                && (a.blocks as f64) <= th.frag_max_usage * a.carriers as f64
+        })
+        .map(|a| {
+            let worst = last
+                .allocators
+                .iter()
+                .filter(|i| i.name == a.name)
+                .max_by_key(|i| i.free())
+                .map(|i| i.instance)
+                .unwrap_or(0);
+            Culprit {
+                kind: "allocator".into(),
+                name: a.name.clone(),
+                bytes: a.free() as i64,
+                growth_bytes_per_s: 0.0,
+                detail: Some(format!(
+                    "usage {:.0}% ({} used of {} in carriers), {} reclaimable, {} in carriers abandoned to the pool; most free in instance {worst}",
+                    100.0 * a.blocks as f64 / a.carriers.max(1) as f64,
+                    human_bytes(a.blocks as f64),
+                    human_bytes(a.carriers as f64),
+                    human_bytes(a.free() as f64),
+                    human_bytes(a.pool_carriers as f64),
+                )),
+            }
+        })
+        .collect();
+    fragmented.sort_by_key(|c| std::cmp::Reverse(c.bytes));
+    let alloc_slope = trends.slope("vm_allocated");
+    let growing_free = trends.grows("vm_allocated") && alloc_slope - used_slope > th.min_growth_bytes_per_s;
+    if !fragmented.is_empty() || growing_free {
+        let free: i64 = fragmented.iter().map(|c| c.bytes).sum();
+        let summary = if fragmented.is_empty() {
+            format!(
+                "carriers grow {} while used memory grows {}",
+                rate(alloc_slope),
+                rate(used_slope)
+            )
+        } else {
+            format!(
+                "allocators hold {} of mostly empty carriers: {} (usage {:.0}% overall)",
+                human_bytes(free as f64),
+                fragmented.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                100.0 * last.used() as f64 / last.allocated().max(1) as f64
+            )
+        };
+        // Growth of free space competes with the other growth findings; a level alone is
+        // primary only when nothing grows.
+        let strength = if growing_free { alloc_slope - used_slope } else { 0.0 };
+        candidates.push(Candidate {
+            strength,
+            finding: Finding {
+                kind: VerdictKind::Fragmentation,
+                summary,
+                culprits: fragmented,
+            },
+        });
+    } else {
+        let usage = 100.0 * last.used() as f64 / last.allocated().max(1) as f64;
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::Fragmentation,
+            reason: format!(
+                "usage {usage:.0}% ({} used of {} allocated); no allocator has {} free below {:.0}% usage",
+                human_bytes(last.used() as f64),
+                human_bytes(last.allocated() as f64),
+                human_bytes(th.frag_min_free_bytes),
+                th.frag_max_usage * 100.0
+            ),
+        });
+    }
+}
+
+/// Erlang-level culprits from the start and end census: tables, processes and binary holders
+/// that grew, most growth first.
+fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
+    let (Some(start), Some(end)) = (&vm.census_start, &vm.census_end) else {
+        return Vec::new();
+    };
+    let dt = (end.t_s - start.t_s).max(1e-3);
+    // Worth naming: grew at least a quarter of the run's growth floor.
+    let floor = th.min_total_growth_bytes / 4.0;
+    let mut out = Vec::new();
+    for t in &end.tables {
+        let before = start.tables.iter().find(|s| s.id == t.id).map_or(0, |s| s.memory);
+        let grew = t.memory as f64 - before as f64;
+        if grew >= floor {
+            out.push(Culprit {
+                kind: "ets_table".into(),
+                name: t.name.clone(),
+                bytes: t.memory as i64,
+                growth_bytes_per_s: grew / dt,
+                detail: Some(format!(
+                    "{} objects, owner {}{}",
+                    t.size,
+                    t.owner,
+                    t.owner_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+                )),
+            });
+        }
+    }
+    let proc_before = |c: &Census, pid: &str| c.processes.iter().find(|p| p.pid == pid).cloned();
+    for p in &end.processes {
+        let before = proc_before(start, &p.pid);
+        let mem_grew = p.memory as f64 - before.as_ref().map_or(0.0, |b| b.memory as f64);
+        let queue_grew = p.message_queue_len as i64 - before.as_ref().map_or(0, |b| b.message_queue_len as i64);
+        if mem_grew >= floor || (queue_grew > 1000 && mem_grew > 0.0) {
+            out.push(Culprit {
+                kind: "process".into(),
+                name: format!("{} {}", p.name, p.pid),
+                bytes: p.memory as i64,
+                growth_bytes_per_s: mem_grew / dt,
+                detail: Some(format!(
+                    "message_queue_len {} ({:+}), in {}",
+                    p.message_queue_len, queue_grew, p.current_function
+                )),
+            });
+        }
+        let bin_grew = p.binary_bytes.unwrap_or(0) as f64
+            - before.as_ref().and_then(|b| b.binary_bytes).unwrap_or(0) as f64;
+        if bin_grew >= floor {
+            out.push(Culprit {
+                kind: "binary_holder".into(),
+                name: format!("{} {}", p.name, p.pid),
+                bytes: p.binary_bytes.unwrap_or(0) as i64,
+                growth_bytes_per_s: bin_grew / dt,
+                detail: Some("refc binaries referenced by the process (garbage-collect it or fix the holder)".into()),
+            });
+        }
+    }
+    if end.atom_count > start.atom_count + 10_000 {
+        out.push(Culprit {
+            kind: "atoms".into(),
+            name: "atom table".into(),
+            bytes: 0,
+            growth_bytes_per_s: 0.0,
+            detail: Some(format!(
+                "{} atoms of {} (+{} during the run): atoms are never freed",
+                end.atom_count,
+                end.atom_limit,
+                end.atom_count - start.atom_count
+            )),
+        });
+    }
+    out.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
+    out.truncate(5);
+    out
+}
+
+/// When no Erlang-level owner explains the growth: the allocators whose blocks grow (a leak
+/// inside ERTS itself shows up this way).
+fn allocator_block_growth(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
+    let mut by: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for s in &vm.samples {
+        for (name, a) in s.by_allocator() {
+            by.entry(name).or_default().push((s.t_s, a.blocks as f64));
+        }
+    }
+    let mut out: Vec<Culprit> = by
+        .into_iter()
+        .filter_map(|(name, pts)| {
+            let g = growth(&pts, th)?;
+            g.grows.then(|| Culprit {
+                kind: "allocator".into(),
+                name,
+                bytes: pts.last().map_or(0, |p| p.1 as i64),
+                growth_bytes_per_s: g.whole.slope_per_s,
+                detail: Some("blocks grow with no process or table owning them".into()),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
+    out
+}
