@@ -5,7 +5,9 @@ fn main() {
     match which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
         Err(_) => {
-            println!("cargo:warning=bpf-linker not found on PATH: run `cargo xtask setup` to install it");
+            println!(
+                "cargo:warning=bpf-linker not found on PATH: run `cargo xtask setup` to install it"
+            );
         }
     }
 }

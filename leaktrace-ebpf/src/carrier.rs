@@ -144,7 +144,13 @@ fn try_mseg_dealloc(ctx: &ProbeContext) -> Result<(), Loss> {
         flags: arg(ctx, 3)?,
         ..Default::default()
     };
-    emit(K::MsegDealloc, arg(ctx, 0)? as u32, &call, arg(ctx, 1)?, arg(ctx, 2)?)
+    emit(
+        K::MsegDealloc,
+        arg(ctx, 0)? as u32,
+        &call,
+        arg(ctx, 1)?,
+        arg(ctx, 2)?,
+    )
 }
 
 // erts_mseg_realloc_opt(alloc_no, void *seg, Uint old_size, Uint *new_size_p, Uint flags, opt)
@@ -322,7 +328,13 @@ fn try_sys_aligned_free(ctx: &ProbeContext) -> Result<(), Loss> {
     if addr == 0 {
         return Ok(());
     }
-    emit(K::SysAlignedFree, NO_ALLOCATOR, &PendingCall::default(), addr, 0)
+    emit(
+        K::SysAlignedFree,
+        NO_ALLOCATOR,
+        &PendingCall::default(),
+        addr,
+        0,
+    )
 }
 
 // erts_sys_aligned_realloc(UWord alignment, void *ptr, UWord size, UWord old_size)
@@ -409,7 +421,13 @@ fn try_literal_dealloc(ctx: &ProbeContext) -> Result<(), Loss> {
         flags: arg(ctx, 3)?,
         ..Default::default()
     };
-    emit(K::LiteralDealloc, NO_ALLOCATOR, &call, arg(ctx, 1)?, arg(ctx, 2)?)
+    emit(
+        K::LiteralDealloc,
+        NO_ALLOCATOR,
+        &call,
+        arg(ctx, 1)?,
+        arg(ctx, 2)?,
+    )
 }
 
 // erts_alcu_mmapper_mseg_realloc(Allctr_t *allctr, void *seg, Uint old_size, Uint *new_size_p)

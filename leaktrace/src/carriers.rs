@@ -119,9 +119,13 @@ impl CarrierLedger {
             ),
             K::LiteralAlloc => self.created(CarrierOwner::Literal, ev.addr, ev.size),
             K::LiteralDealloc => self.destroyed(CarrierOwner::Literal, ev.addr, ev.size),
-            K::LiteralRealloc => {
-                self.resized(CarrierOwner::Literal, ev.old_addr, ev.old_size, ev.addr, ev.size)
-            }
+            K::LiteralRealloc => self.resized(
+                CarrierOwner::Literal,
+                ev.old_addr,
+                ev.old_size,
+                ev.addr,
+                ev.size,
+            ),
             K::Mmap if !self.is_literal_mapping(ev.mapper) => self.os_mapped_net += ev.size as i64,
             K::Munmap if !self.is_literal_mapping(ev.mapper) => {
                 self.os_mapped_net -= ev.size as i64

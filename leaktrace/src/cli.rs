@@ -161,9 +161,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 impl ThresholdArgs {
     fn overrides(&self) -> Result<ThresholdOverrides, Error> {
         let positive = |name: &str, v: Option<f64>| match v {
-            Some(x) if !(x.is_finite() && x >= 0.0) => {
-                Err(Error::Usage(format!("--{name} must be a number >= 0, got {x}")))
-            }
+            Some(x) if !(x.is_finite() && x >= 0.0) => Err(Error::Usage(format!(
+                "--{name} must be a number >= 0, got {x}"
+            ))),
             _ => Ok(v),
         };
         let unit = |name: &str, v: Option<f64>| match v {
@@ -298,9 +298,16 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_after_dashes() {
-        let Command::Trace(Launch::Run { command, beam }, _) =
-            parse(&["leaktrace", "run", "--duration", "10s", "--", "erl", "-noshell"]).unwrap()
-        else {
+        let Command::Trace(Launch::Run { command, beam }, _) = parse(&[
+            "leaktrace",
+            "run",
+            "--duration",
+            "10s",
+            "--",
+            "erl",
+            "-noshell",
+        ])
+        .unwrap() else {
             panic!("not run");
         };
         assert_eq!(command, vec!["erl", "-noshell"]);
@@ -312,11 +319,28 @@ mod tests {
         assert!(parse(&["leaktrace", "attach", "--pid", "x"]).is_err());
         assert!(parse(&["leaktrace", "attach", "--pid", "1", "--interval", "1ms"]).is_err());
         assert!(
-            parse(&["leaktrace", "attach", "--pid", "1", "--duration", "1s", "--interval", "2s"])
-                .is_err()
+            parse(&[
+                "leaktrace",
+                "attach",
+                "--pid",
+                "1",
+                "--duration",
+                "1s",
+                "--interval",
+                "2s"
+            ])
+            .is_err()
         );
         assert!(
-            parse(&["leaktrace", "attach", "--pid", "1", "--explained-fraction", "2"]).is_err()
+            parse(&[
+                "leaktrace",
+                "attach",
+                "--pid",
+                "1",
+                "--explained-fraction",
+                "2"
+            ])
+            .is_err()
         );
         assert!(parse(&["leaktrace", "run"]).is_err());
     }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The PID names no process.
-    #[error("no process with PID {pid}: check the PID (`pgrep -f beam.smp` lists running Erlang VMs)")]
+    #[error(
+        "no process with PID {pid}: check the PID (`pgrep -f beam.smp` lists running Erlang VMs)"
+    )]
     NoSuchProcess {
         /// The PID given.
         pid: u32,

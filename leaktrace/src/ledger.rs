@@ -18,7 +18,10 @@ pub struct Rss {
 
 /// Reads the RSS of `pid`. `None` once the process is gone or a zombie (no memory lines).
 pub fn read_rss(pid: u32) -> Option<Rss> {
-    let status = procfs::process::Process::new(pid as i32).ok()?.status().ok()?;
+    let status = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .status()
+        .ok()?;
     let kib = |v: Option<u64>| v.map(|k| k * 1024);
     Some(Rss {
         rss: kib(status.vmrss)?,

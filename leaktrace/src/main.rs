@@ -81,19 +81,20 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
             let (cookie, source) = match (&access.cookie, &access.cookie_file) {
                 (Some(c), _) => (c.clone(), CookieSource::Flag),
                 (None, Some(f)) => (
-                    Cookie::new(std::fs::read_to_string(f).map_err(|e| Error::Vm(format!(
-                        "cannot read --cookie-file {}: {e}",
-                        f.display()
-                    )))?),
+                    Cookie::new(std::fs::read_to_string(f).map_err(|e| {
+                        Error::Vm(format!("cannot read --cookie-file {}: {e}", f.display()))
+                    })?),
                     CookieSource::File,
                 ),
                 (None, None) => {
                     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
                     let file = std::path::Path::new(&home).join(".erlang.cookie");
-                    let c = std::fs::read_to_string(&file).map_err(|e| Error::Vm(format!(
-                        "no cookie: give --cookie-file ({}: {e})",
-                        file.display()
-                    )))?;
+                    let c = std::fs::read_to_string(&file).map_err(|e| {
+                        Error::Vm(format!(
+                            "no cookie: give --cookie-file ({}: {e})",
+                            file.display()
+                        ))
+                    })?;
                     (Cookie::new(c), CookieSource::HomeFile)
                 }
             };
@@ -101,7 +102,10 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
         }
     };
     let mut view = view.map_err(|e| Error::Vm(e.to_string()))?;
-    let sample = view.sample(0.0).map_err(|e| Error::Vm(e.to_string()))?.clone();
+    let sample = view
+        .sample(0.0)
+        .map_err(|e| Error::Vm(e.to_string()))?
+        .clone();
     let census = view.census(0.0).map_err(|e| Error::Vm(e.to_string()))?;
     if json {
         let snapshot = render::Snapshot {
@@ -110,7 +114,10 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
             usage: render::usage(sample.used(), sample.allocated()),
             census: &census,
         };
-        println!("{}", serde_json::to_string_pretty(&snapshot).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&snapshot).expect("serializable")
+        );
     } else {
         print!("{}", render::text(view.node(), &sample, &census));
     }

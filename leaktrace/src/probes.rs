@@ -49,31 +49,104 @@ const fn spec(program: &'static str, symbol: &'static str, id: u32, required: bo
 /// in this order means a call caught between the two is never seen half.
 pub const CARRIER_PROBES: &[ProbeSpec] = &[
     spec("mseg_alloc", "erts_mseg_alloc_opt", P::MSEG_ALLOC, true),
-    spec("mseg_alloc_ret", "erts_mseg_alloc_opt", P::MSEG_ALLOC_RET, true),
-    spec("mseg_dealloc", "erts_mseg_dealloc_opt", P::MSEG_DEALLOC, true),
-    spec("mseg_realloc", "erts_mseg_realloc_opt", P::MSEG_REALLOC, false),
-    spec("mseg_realloc_ret", "erts_mseg_realloc_opt", P::MSEG_REALLOC_RET, false),
+    spec(
+        "mseg_alloc_ret",
+        "erts_mseg_alloc_opt",
+        P::MSEG_ALLOC_RET,
+        true,
+    ),
+    spec(
+        "mseg_dealloc",
+        "erts_mseg_dealloc_opt",
+        P::MSEG_DEALLOC,
+        true,
+    ),
+    spec(
+        "mseg_realloc",
+        "erts_mseg_realloc_opt",
+        P::MSEG_REALLOC,
+        false,
+    ),
+    spec(
+        "mseg_realloc_ret",
+        "erts_mseg_realloc_opt",
+        P::MSEG_REALLOC_RET,
+        false,
+    ),
     spec("mmap", "erts_mmap", P::MMAP, true),
     spec("mmap_ret", "erts_mmap", P::MMAP_RET, true),
     spec("munmap", "erts_munmap", P::MUNMAP, true),
     spec("mremap", "erts_mremap", P::MREMAP, false),
     spec("mremap_ret", "erts_mremap", P::MREMAP_RET, false),
-    spec("sys_aligned_alloc", "erts_sys_aligned_alloc", P::SYS_ALIGNED_ALLOC, false),
-    spec("sys_aligned_alloc_ret", "erts_sys_aligned_alloc", P::SYS_ALIGNED_ALLOC_RET, false),
-    spec("sys_aligned_free", "erts_sys_aligned_free", P::SYS_ALIGNED_FREE, false),
-    spec("sys_aligned_realloc", "erts_sys_aligned_realloc", P::SYS_ALIGNED_REALLOC, false),
-    spec("sys_aligned_realloc_ret", "erts_sys_aligned_realloc", P::SYS_ALIGNED_REALLOC_RET, false),
-    spec("literal_alloc", "erts_alcu_mmapper_mseg_alloc", P::LITERAL_ALLOC, false),
-    spec("literal_alloc_ret", "erts_alcu_mmapper_mseg_alloc", P::LITERAL_ALLOC_RET, false),
-    spec("literal_dealloc", "erts_alcu_mmapper_mseg_dealloc", P::LITERAL_DEALLOC, false),
-    spec("literal_realloc", "erts_alcu_mmapper_mseg_realloc", P::LITERAL_REALLOC, false),
-    spec("literal_realloc_ret", "erts_alcu_mmapper_mseg_realloc", P::LITERAL_REALLOC_RET, false),
+    spec(
+        "sys_aligned_alloc",
+        "erts_sys_aligned_alloc",
+        P::SYS_ALIGNED_ALLOC,
+        false,
+    ),
+    spec(
+        "sys_aligned_alloc_ret",
+        "erts_sys_aligned_alloc",
+        P::SYS_ALIGNED_ALLOC_RET,
+        false,
+    ),
+    spec(
+        "sys_aligned_free",
+        "erts_sys_aligned_free",
+        P::SYS_ALIGNED_FREE,
+        false,
+    ),
+    spec(
+        "sys_aligned_realloc",
+        "erts_sys_aligned_realloc",
+        P::SYS_ALIGNED_REALLOC,
+        false,
+    ),
+    spec(
+        "sys_aligned_realloc_ret",
+        "erts_sys_aligned_realloc",
+        P::SYS_ALIGNED_REALLOC_RET,
+        false,
+    ),
+    spec(
+        "literal_alloc",
+        "erts_alcu_mmapper_mseg_alloc",
+        P::LITERAL_ALLOC,
+        false,
+    ),
+    spec(
+        "literal_alloc_ret",
+        "erts_alcu_mmapper_mseg_alloc",
+        P::LITERAL_ALLOC_RET,
+        false,
+    ),
+    spec(
+        "literal_dealloc",
+        "erts_alcu_mmapper_mseg_dealloc",
+        P::LITERAL_DEALLOC,
+        false,
+    ),
+    spec(
+        "literal_realloc",
+        "erts_alcu_mmapper_mseg_realloc",
+        P::LITERAL_REALLOC,
+        false,
+    ),
+    spec(
+        "literal_realloc_ret",
+        "erts_alcu_mmapper_mseg_realloc",
+        P::LITERAL_REALLOC_RET,
+        false,
+    ),
 ];
 
 /// Symbols without which carrier tracing refuses to start.
 pub fn required_symbols(specs: &[ProbeSpec]) -> Vec<&'static str> {
-    let mut symbols: Vec<&'static str> =
-        specs.iter().filter(|s| s.required).map(|s| s.symbol).collect();
+    let mut symbols: Vec<&'static str> = specs
+        .iter()
+        .filter(|s| s.required)
+        .map(|s| s.symbol)
+        .collect();
     symbols.dedup();
     symbols
 }
@@ -124,7 +197,11 @@ impl Tracer {
             let outcome = if symbols.has(spec.symbol) {
                 self.attach_one(spec, binary, pid)
             } else {
-                Err(format!("{} does not export {}", binary.display(), spec.symbol))
+                Err(format!(
+                    "{} does not export {}",
+                    binary.display(),
+                    spec.symbol
+                ))
             };
             if let (Err(reason), true) = (&outcome, spec.required) {
                 return Err(Error::Attach {
@@ -139,7 +216,12 @@ impl Tracer {
         Ok(())
     }
 
-    fn attach_one(&mut self, spec: &ProbeSpec, binary: &Path, pid: NonZeroU32) -> Result<(), String> {
+    fn attach_one(
+        &mut self,
+        spec: &ProbeSpec,
+        binary: &Path,
+        pid: NonZeroU32,
+    ) -> Result<(), String> {
         let program: &mut UProbe = self
             .ebpf
             .program_mut(spec.program)
@@ -212,6 +294,8 @@ impl Tracer {
 
     /// Total probe hits so far.
     pub fn total_hits(&self) -> u64 {
-        (0..P::COUNT).map(|id| self.counter(counter::HITS_BASE + id)).sum()
+        (0..P::COUNT)
+            .map(|id| self.counter(counter::HITS_BASE + id))
+            .sum()
     }
 }

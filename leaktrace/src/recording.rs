@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, fs, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::vm::snapshot::{AllocatorUsage, Census, ProcessEntry, TableEntry, VmSample};
 use crate::error::Error;
+pub use crate::vm::snapshot::{AllocatorUsage, Census, ProcessEntry, TableEntry, VmSample};
 
 /// Version of the recording and report.json schema.
 pub const SCHEMA: u32 = 1;

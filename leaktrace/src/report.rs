@@ -90,13 +90,12 @@ pub fn to_markdown(report: &Report) -> String {
         "- run: {:.1} s, sample every {:.1} s, ended by {:?}; leaktrace {}",
         r.duration_s, r.interval_s, r.end, r.tool_version
     );
-    let _ = writeln!(
-        o,
-        "- exit code {}\n",
-        v.kind.exit_code()
-    );
+    let _ = writeln!(o, "- exit code {}\n", v.kind.exit_code());
     if !v.culprits.is_empty() {
-        let _ = writeln!(o, "## Culprits\n\n| kind | name | bytes | growth | detail |\n|---|---|---:|---:|---|");
+        let _ = writeln!(
+            o,
+            "## Culprits\n\n| kind | name | bytes | growth | detail |\n|---|---|---:|---:|---|"
+        );
         for c in &v.culprits {
             let _ = writeln!(
                 o,
@@ -114,7 +113,13 @@ pub fn to_markdown(report: &Report) -> String {
         let _ = writeln!(o, "## Also found\n");
         for f in &v.secondary {
             let names: Vec<&str> = f.culprits.iter().map(|c| c.name.as_str()).collect();
-            let _ = writeln!(o, "- **{}**: {} ({})", f.kind.as_str(), f.summary, names.join(", "));
+            let _ = writeln!(
+                o,
+                "- **{}**: {} ({})",
+                f.kind.as_str(),
+                f.summary,
+                names.join(", ")
+            );
         }
         o.push('\n');
     }
@@ -223,14 +228,21 @@ pub fn to_markdown(report: &Report) -> String {
     for n in &r.source_notes {
         let _ = writeln!(o, "- note: {n}");
     }
-    let _ = writeln!(o, "\n## Probes\n\n| program | symbol | attached | hits |\n|---|---|---|---:|");
+    let _ = writeln!(
+        o,
+        "\n## Probes\n\n| program | symbol | attached | hits |\n|---|---|---|---:|"
+    );
     for p in &r.probes {
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} |",
             p.name,
             p.symbol,
-            if p.attached { "yes".to_string() } else { format!("no: {}", p.error.as_deref().unwrap_or("")) },
+            if p.attached {
+                "yes".to_string()
+            } else {
+                format!("no: {}", p.error.as_deref().unwrap_or(""))
+            },
             p.hits
         );
     }
@@ -268,7 +280,10 @@ pub fn terminal_summary(report: &Report) -> String {
             c.name,
             human_bytes(c.bytes as f64),
             human_bytes(c.growth_bytes_per_s),
-            c.detail.as_deref().map(|d| format!("; {d}")).unwrap_or_default()
+            c.detail
+                .as_deref()
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default()
         );
     }
     for f in &v.secondary {

@@ -127,9 +127,12 @@ pub fn find_beam(command: &[String]) -> Result<PathBuf, Error> {
         command: command.join(" "),
         reason,
     };
-    let program = command.first().ok_or_else(|| not_found("empty command".into()))?;
+    let program = command
+        .first()
+        .ok_or_else(|| not_found("empty command".into()))?;
     let path = which::which(program).map_err(|e| not_found(format!("{program}: {e}")))?;
-    let path = fs::canonicalize(&path).map_err(|e| not_found(format!("{}: {e}", path.display())))?;
+    let path =
+        fs::canonicalize(&path).map_err(|e| not_found(format!("{}: {e}", path.display())))?;
     if target::is_beam(&path) {
         return Ok(path);
     }
@@ -146,7 +149,10 @@ pub fn find_beam(command: &[String]) -> Result<PathBuf, Error> {
         .collect();
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(not_found(format!("no erts-*/bin/beam.smp under {}", root.display()))),
+        0 => Err(not_found(format!(
+            "no erts-*/bin/beam.smp under {}",
+            root.display()
+        ))),
         _ => Err(not_found(format!(
             "several erts-*/bin/beam.smp under {}",
             root.display()
@@ -476,7 +482,9 @@ mod tests {
     fn find_beam_refuses_non_erlang_commands() {
         let err = find_beam(&["true".to_string()]).unwrap_err().to_string();
         assert!(err.contains("--beam"), "{err}");
-        let err = find_beam(&["no-such-program-xyz".to_string()]).unwrap_err().to_string();
+        let err = find_beam(&["no-such-program-xyz".to_string()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no-such-program-xyz"), "{err}");
     }
 }

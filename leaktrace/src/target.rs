@@ -116,15 +116,21 @@ mod tests {
 
     #[test]
     fn recognises_emulator_names() {
-        assert!(is_beam(Path::new("/usr/lib/erlang/erts-13.1.5/bin/beam.smp")));
+        assert!(is_beam(Path::new(
+            "/usr/lib/erlang/erts-13.1.5/bin/beam.smp"
+        )));
         assert!(is_beam(Path::new("/x/beam.debug.smp")));
         assert!(!is_beam(Path::new("/usr/bin/bash")));
-        assert!(!is_beam(Path::new("/usr/lib/erlang/erts-13.1.5/bin/erlexec")));
+        assert!(!is_beam(Path::new(
+            "/usr/lib/erlang/erts-13.1.5/bin/erlexec"
+        )));
     }
 
     #[test]
     fn node_name_prefers_sname() {
-        let cmd = args(&["beam.smp", "--", "-root", "/r", "-sname", "demo", "-noshell"]);
+        let cmd = args(&[
+            "beam.smp", "--", "-root", "/r", "-sname", "demo", "-noshell",
+        ]);
         assert_eq!(node_name(&cmd).as_deref(), Some("demo"));
         let cmd = args(&["beam.smp", "--", "-name", "a@h.example"]);
         assert_eq!(node_name(&cmd).as_deref(), Some("a@h.example"));

@@ -141,7 +141,10 @@ mod tests {
             })
             .collect();
         let g = growth(&pts, &th).unwrap();
-        assert!(g.whole.slope_per_s > th.min_growth_bytes_per_s, "whole-run slope is positive");
+        assert!(
+            g.whole.slope_per_s > th.min_growth_bytes_per_s,
+            "whole-run slope is positive"
+        );
         assert!(!g.grows, "stopped growth must not count: {g:?}");
     }
 

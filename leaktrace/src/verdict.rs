@@ -131,7 +131,9 @@ const LINES: &[(&str, Line)] = &[
     ("rss_anon", |s| s.rss_anon.map(|v| v as f64)),
     ("carriers", |s| s.carriers.map(|v| v as f64)),
     ("mseg_cache", |s| s.mseg_cache.map(|v| v as f64)),
-    ("native_outstanding", |s| s.native_outstanding.map(|v| v as f64)),
+    ("native_outstanding", |s| {
+        s.native_outstanding.map(|v| v as f64)
+    }),
     ("unexplained", |s| s.unexplained.map(|v| v as f64)),
     ("vm_used", |s| s.vm_used.map(|v| v as f64)),
     ("vm_allocated", |s| s.vm_allocated.map(|v| v as f64)),
@@ -146,7 +148,9 @@ impl Trends {
     fn of(rec: &Recording) -> Trends {
         let lines = LINES
             .iter()
-            .filter_map(|(name, f)| Some((*name, growth(&series(&rec.samples, f), &rec.thresholds)?)))
+            .filter_map(|(name, f)| {
+                Some((*name, growth(&series(&rec.samples, f), &rec.thresholds)?))
+            })
             .collect();
         Trends { lines }
     }
@@ -228,13 +232,20 @@ pub fn judge(rec: &Recording) -> Verdict {
     if !rec.sources.carrier_probes {
         ruled_out.push(RuledOut {
             kind: VerdictKind::NativeLeak,
-            reason: "carrier probes were not attached, so memory outside carriers cannot be told apart".into(),
+            reason:
+                "carrier probes were not attached, so memory outside carriers cannot be told apart"
+                    .into(),
         });
     } else if rss_grows
         && trends.grows("unexplained")
         && unexplained_slope >= th.explained_fraction * rss_slope
     {
-        let last = rec.samples.iter().rev().find_map(|s| s.unexplained).unwrap_or(0);
+        let last = rec
+            .samples
+            .iter()
+            .rev()
+            .find_map(|s| s.unexplained)
+            .unwrap_or(0);
         let native = rec.samples.iter().rev().find_map(|s| s.native_outstanding);
         let culprit = match native {
             Some(bytes) if trends.grows("native_outstanding") => Culprit {
@@ -354,7 +365,10 @@ pub fn judge(rec: &Recording) -> Verdict {
     }
     ruled_out.retain(|r| r.kind != kind && !secondary.iter().any(|f| f.kind == r.kind));
     let mut summary = summary;
-    for n in notes.iter().skip(usize::from(kind == VerdictKind::Inconclusive)) {
+    for n in notes
+        .iter()
+        .skip(usize::from(kind == VerdictKind::Inconclusive))
+    {
         summary.push_str("; ");
         summary.push_str(n);
     }
@@ -441,7 +455,8 @@ fn vm_findings(
         .collect();
     fragmented.sort_by_key(|c| std::cmp::Reverse(c.bytes));
     let alloc_slope = trends.slope("vm_allocated");
-    let growing_free = trends.grows("vm_allocated") && alloc_slope - used_slope > th.min_growth_bytes_per_s;
+    let growing_free =
+        trends.grows("vm_allocated") && alloc_slope - used_slope > th.min_growth_bytes_per_s;
     if !fragmented.is_empty() || growing_free {
         let free: i64 = fragmented.iter().map(|c| c.bytes).sum();
         let summary = if fragmented.is_empty() {
@@ -454,13 +469,21 @@ fn vm_findings(
             format!(
                 "allocators hold {} of mostly empty carriers: {} (usage {:.0}% overall)",
                 human_bytes(free as f64),
-                fragmented.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                fragmented
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 100.0 * last.used() as f64 / last.allocated().max(1) as f64
             )
         };
         // Growth of free space competes with the other growth findings; a level alone is
         // primary only when nothing grows.
-        let strength = if growing_free { alloc_slope - used_slope } else { 0.0 };
+        let strength = if growing_free {
+            alloc_slope - used_slope
+        } else {
+            0.0
+        };
         candidates.push(Candidate {
             strength,
             finding: Finding {
@@ -495,7 +518,11 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
     let floor = th.min_total_growth_bytes / 4.0;
     let mut out = Vec::new();
     for t in &end.tables {
-        let before = start.tables.iter().find(|s| s.id == t.id).map_or(0, |s| s.memory);
+        let before = start
+            .tables
+            .iter()
+            .find(|s| s.id == t.id)
+            .map_or(0, |s| s.memory);
         let grew = t.memory as f64 - before as f64;
         if grew >= floor {
             out.push(Culprit {
@@ -507,7 +534,10 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
                     "{} objects, owner {}{}",
                     t.size,
                     t.owner,
-                    t.owner_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+                    t.owner_name
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
                 )),
             });
         }
@@ -516,7 +546,8 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
     for p in &end.processes {
         let before = proc_before(start, &p.pid);
         let mem_grew = p.memory as f64 - before.as_ref().map_or(0.0, |b| b.memory as f64);
-        let queue_grew = p.message_queue_len as i64 - before.as_ref().map_or(0, |b| b.message_queue_len as i64);
+        let queue_grew =
+            p.message_queue_len as i64 - before.as_ref().map_or(0, |b| b.message_queue_len as i64);
         if mem_grew >= floor || (queue_grew > 1000 && mem_grew > 0.0) {
             out.push(Culprit {
                 kind: "process".into(),

@@ -89,7 +89,10 @@ impl Node {
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("name {name} ")))
         {
-            assert!(Instant::now() < deadline, "node {name} never registered with epmd");
+            assert!(
+                Instant::now() < deadline,
+                "node {name} never registered with epmd"
+            );
             thread::sleep(Duration::from_millis(50));
         }
         node
@@ -154,8 +157,9 @@ fn leftover_programs() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| {
-            p.name_as_str()
-                .is_some_and(|n| n.starts_with("mseg_") || n.starts_with("literal_") || n == "mmap_ret")
+            p.name_as_str().is_some_and(|n| {
+                n.starts_with("mseg_") || n.starts_with("literal_") || n == "mmap_ret"
+            })
         })
         .count()
 }
@@ -185,11 +189,25 @@ fn leaking_nif_is_a_native_leak() {
     let node = Node::start("lt_load:leak_forever(262144, 20)");
     thread::sleep(Duration::from_secs(1));
     let (out, report) = attach_json(node.pid(), "8s");
-    assert_eq!(out.status.code(), Some(1), "stderr: {}\n{report:#}", stderr(&out));
-    assert_eq!(report["verdict"]["kind"], "native_leak", "{:#}", report["verdict"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stderr: {}\n{report:#}",
+        stderr(&out)
+    );
+    assert_eq!(
+        report["verdict"]["kind"], "native_leak",
+        "{:#}",
+        report["verdict"]
+    );
     assert_eq!(report["schema"], 1);
     assert_eq!(report["target"]["pid"], node.pid());
-    assert_eq!(report["target"]["otp_release"].as_str().map(|s| s.starts_with("2")), Some(true));
+    assert_eq!(
+        report["target"]["otp_release"]
+            .as_str()
+            .map(|s| s.starts_with("2")),
+        Some(true)
+    );
     assert_eq!(report["sources"]["carrier_probes"], true);
     assert_eq!(report["sources"]["vm_connection"], false);
     let samples = report["samples"].as_array().unwrap();
@@ -207,8 +225,18 @@ fn leaking_nif_is_a_native_leak() {
         .filter(|p| p["attached"] == true)
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    for required in ["mseg_alloc", "mseg_alloc_ret", "mseg_dealloc", "mmap", "mmap_ret", "munmap"] {
-        assert!(attached.contains(&required), "{required} not attached: {attached:?}");
+    for required in [
+        "mseg_alloc",
+        "mseg_alloc_ret",
+        "mseg_dealloc",
+        "mmap",
+        "mmap_ret",
+        "munmap",
+    ] {
+        assert!(
+            attached.contains(&required),
+            "{required} not attached: {attached:?}"
+        );
     }
     assert_eq!(report["losses"]["events_lost"], 0);
     assert_eq!(leftover_programs(), 0, "probes left behind");
@@ -225,7 +253,11 @@ fn healthy_churning_node_is_healthy() {
     // Let the node reach its working set: growth during boot is not what we judge.
     thread::sleep(Duration::from_secs(3));
     let (out, report) = attach_json(node.pid(), "8s");
-    assert_eq!(report["verdict"]["kind"], "healthy", "{:#}", report["verdict"]);
+    assert_eq!(
+        report["verdict"]["kind"], "healthy",
+        "{:#}",
+        report["verdict"]
+    );
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     // The churn makes carrier traffic: the probes really saw it.
     let hits: u64 = report["probes"]
@@ -265,7 +297,11 @@ fn run_traces_from_the_first_allocation_and_ends_with_the_command() {
     ]);
     let report = json(&out);
     assert_eq!(report["end"], "target_exited", "stderr: {}", stderr(&out));
-    assert_eq!(report["verdict"]["kind"], "native_leak", "{:#}", report["verdict"]);
+    assert_eq!(
+        report["verdict"]["kind"], "native_leak",
+        "{:#}",
+        report["verdict"]
+    );
     // Boot creates carriers for every allocator: seeing them proves the probes were live
     // before beam.smp's first allocation.
     let mseg_hits = report["probes"]
@@ -283,7 +319,10 @@ fn run_traces_from_the_first_allocation_and_ends_with_the_command() {
         .iter()
         .map(|a| a["name"].as_str().unwrap().to_owned())
         .collect();
-    assert!(named.iter().any(|n| n == "eheap_alloc"), "allocators: {named:?}");
+    assert!(
+        named.iter().any(|n| n == "eheap_alloc"),
+        "allocators: {named:?}"
+    );
 
     // The recording re-judges to the same verdict without privileges or a node.
     let again = leaktrace(&["report", record.to_str().unwrap(), "--json"]);
@@ -311,7 +350,10 @@ fn target_exiting_mid_run_still_reports() {
         out_dir.to_str().unwrap(),
         "--json",
     ]);
-    assert!(started.elapsed() < Duration::from_secs(30), "did not notice the exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "did not notice the exit"
+    );
     let report = json(&out);
     assert_eq!(report["end"], "target_exited");
     assert_ne!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
@@ -328,11 +370,21 @@ fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
     // A PID that does not exist.
     let out = leaktrace(&["attach", "--pid", "99999999", "--duration", "2s"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("no process with PID 99999999"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no process with PID 99999999"),
+        "{}",
+        stderr(&out)
+    );
 
     // A PID that is not beam.smp.
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
-    let out = leaktrace(&["attach", "--pid", &sleeper.id().to_string(), "--duration", "2s"]);
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &sleeper.id().to_string(),
+        "--duration",
+        "2s",
+    ]);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     assert_eq!(out.status.code(), Some(2));
@@ -343,7 +395,13 @@ fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
 
     // Without privileges (no capabilities, user nobody).
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
         .args([LEAKTRACE, "attach", "--pid", &pid, "--duration", "2s"])
         .output()
         .expect("setpriv (util-linux)");
@@ -361,8 +419,17 @@ fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
     let second = leaktrace(&["attach", "--pid", &pid, "--duration", "2s"]);
     let first = first.wait_with_output().unwrap();
     assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
-    assert!(stderr(&second).contains("already tracing"), "{}", stderr(&second));
-    assert_ne!(first.status.code(), Some(2), "first tracer failed: {}", stderr(&first));
+    assert!(
+        stderr(&second).contains("already tracing"),
+        "{}",
+        stderr(&second)
+    );
+    assert_ne!(
+        first.status.code(),
+        Some(2),
+        "first tracer failed: {}",
+        stderr(&first)
+    );
 
     // A corrupt recording.
     let dir = tempfile::tempdir().unwrap();
@@ -370,16 +437,32 @@ fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
     fs::write(&bad, b"{\"schema\": 1, \"samples\": [").unwrap();
     let out = leaktrace(&["report", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("not a valid leaktrace recording"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a valid leaktrace recording"),
+        "{}",
+        stderr(&out)
+    );
 
     // The node survived all of it, and no probe is left in the kernel.
-    assert!(fs::read_link(format!("/proc/{pid}/exe")).is_ok(), "target harmed");
+    assert!(
+        fs::read_link(format!("/proc/{pid}/exe")).is_ok(),
+        "target harmed"
+    );
     assert_eq!(leftover_programs(), 0, "probes left behind");
 }
 
 fn attach_vm(pid: u32, duration: &str, extra: &[&str]) -> (Output, Value) {
     let pid = pid.to_string();
-    let mut args = vec!["attach", "--pid", &pid, "--duration", duration, "--interval", "500ms", "--json"];
+    let mut args = vec![
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        duration,
+        "--interval",
+        "500ms",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let out = leaktrace(&args);
     let report = json(&out);
@@ -419,21 +502,46 @@ fn emptied_ets_table_is_fragmentation_of_ets_alloc() {
         last = now;
     }
     let (out, report) = attach_vm(node.pid(), "6s", &[]);
-    assert_eq!(report["sources"]["vm_connection"], true, "{:#}", report["source_notes"]);
-    assert_eq!(report["verdict"]["kind"], "fragmentation", "{:#}", report["verdict"]);
+    assert_eq!(
+        report["sources"]["vm_connection"], true,
+        "{:#}",
+        report["source_notes"]
+    );
+    assert_eq!(
+        report["verdict"]["kind"], "fragmentation",
+        "{:#}",
+        report["verdict"]
+    );
     assert_eq!(out.status.code(), Some(0));
     let names = culprit_names(&report);
-    assert!(names.first().is_some_and(|n| n.starts_with("ets_alloc")), "culprits: {names:?}");
-    let last = report["samples"].as_array().unwrap().last().unwrap().clone();
-    let (used, allocated) = (last["vm_used"].as_u64().unwrap(), last["vm_allocated"].as_u64().unwrap());
-    assert!(allocated > 4 * used, "usage {used}/{allocated} is not fragmented");
+    assert!(
+        names.first().is_some_and(|n| n.starts_with("ets_alloc")),
+        "culprits: {names:?}"
+    );
+    let last = report["samples"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let (used, allocated) = (
+        last["vm_used"].as_u64().unwrap(),
+        last["vm_allocated"].as_u64().unwrap(),
+    );
+    assert!(
+        allocated > 4 * used,
+        "usage {used}/{allocated} is not fragmented"
+    );
     let kinds: Vec<&str> = report["verdict"]["ruled_out"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["kind"].as_str().unwrap())
         .collect();
-    assert!(kinds.contains(&"native_leak"), "native_leak not ruled out: {kinds:?}");
+    assert!(
+        kinds.contains(&"native_leak"),
+        "native_leak not ruled out: {kinds:?}"
+    );
 }
 
 #[test]
@@ -446,10 +554,17 @@ fn growing_ets_table_is_vm_growth_naming_the_table() {
     let node = Node::distributed("lt_table", "lt_vm:grow_table(4000, 50)");
     thread::sleep(Duration::from_secs(1));
     let (out, report) = attach_vm(node.pid(), "8s", &[]);
-    assert_eq!(report["verdict"]["kind"], "vm_growth", "{:#}", report["verdict"]);
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
     assert_eq!(out.status.code(), Some(1));
     let names = culprit_names(&report);
-    assert!(names.iter().any(|n| n.contains("lt_growing")), "culprits: {names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("lt_growing")),
+        "culprits: {names:?}"
+    );
 }
 
 #[test]
@@ -461,7 +576,11 @@ fn growing_mailbox_is_vm_growth_naming_the_process() {
     let node = Node::distributed("lt_mbox", "lt_vm:grow_mailbox(3000, 50)");
     thread::sleep(Duration::from_secs(1));
     let (out, report) = attach_vm(node.pid(), "8s", &[]);
-    assert_eq!(report["verdict"]["kind"], "vm_growth", "{:#}", report["verdict"]);
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
     assert_eq!(out.status.code(), Some(1));
     let culprits = report["verdict"]["culprits"].as_array().unwrap();
     let sink = culprits
@@ -484,9 +603,19 @@ fn wrong_cookie_gives_os_level_report_with_the_reason() {
     assert_eq!(report["sources"]["vm_connection"], false);
     let notes = report["source_notes"].to_string();
     assert!(notes.contains("wrong cookie"), "{notes}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("not-the-cookie"), "cookie leaked into the report");
-    assert!(!stderr(&out).contains("not-the-cookie"), "cookie leaked to stderr");
-    assert_eq!(report["verdict"]["kind"], "native_leak", "{:#}", report["verdict"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("not-the-cookie"),
+        "cookie leaked into the report"
+    );
+    assert!(
+        !stderr(&out).contains("not-the-cookie"),
+        "cookie leaked to stderr"
+    );
+    assert_eq!(
+        report["verdict"]["kind"], "native_leak",
+        "{:#}",
+        report["verdict"]
+    );
 }
 
 #[test]
@@ -500,7 +629,13 @@ fn vm_snapshot_names_allocators_processes_and_tables() {
     let out = leaktrace(&["vm", "--pid", &node.pid().to_string()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    for needle in ["ets_alloc", "eheap_alloc", "lt_growing", "lt_table_owner", "atoms:"] {
+    for needle in [
+        "ets_alloc",
+        "eheap_alloc",
+        "lt_growing",
+        "lt_table_owner",
+        "atoms:",
+    ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
     let out = leaktrace(&["vm", "--pid", &node.pid().to_string(), "--json"]);

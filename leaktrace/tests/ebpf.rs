@@ -28,14 +28,25 @@ const FAKE_MAPPING: u64 = 0x7e00_0000_0000;
 /// Like ERTS: rounds the size up to 256 KiB and reports it through the pointer.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn erts_mseg_alloc_opt(alloc_no: u32, size_p: *mut u64, flags: u64, _opt: *const u8) -> u64 {
+pub extern "C" fn erts_mseg_alloc_opt(
+    alloc_no: u32,
+    size_p: *mut u64,
+    flags: u64,
+    _opt: *const u8,
+) -> u64 {
     unsafe { *size_p = (*size_p + 0x3ffff) & !0x3ffff };
     std::hint::black_box(FAKE_CARRIER + ((alloc_no as u64) << 24) + flags)
 }
 
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn erts_mseg_dealloc_opt(alloc_no: u32, seg: u64, size: u64, flags: u64, _opt: *const u8) {
+pub extern "C" fn erts_mseg_dealloc_opt(
+    alloc_no: u32,
+    seg: u64,
+    size: u64,
+    flags: u64,
+    _opt: *const u8,
+) {
     std::hint::black_box((alloc_no, seg, size, flags));
 }
 
@@ -108,31 +119,56 @@ fn carrier_probes_see_sizes_at_return_and_addresses() {
     erts_sys_aligned_free(262144, aligned);
 
     let events = my_events(&mut tracer);
-    let kinds: Vec<_> = events.iter().map(|e| K::try_from(e.kind).unwrap()).collect();
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| K::try_from(e.kind).unwrap())
+        .collect();
     assert_eq!(
         kinds,
-        vec![K::MsegAlloc, K::MsegDealloc, K::Mmap, K::Munmap, K::SysAlignedAlloc, K::SysAlignedFree],
+        vec![
+            K::MsegAlloc,
+            K::MsegDealloc,
+            K::Mmap,
+            K::Munmap,
+            K::SysAlignedAlloc,
+            K::SysAlignedFree
+        ],
         "events: {events:#?}"
     );
     let alloc = events[0];
-    assert_eq!((alloc.alloc_no, alloc.addr, alloc.size, alloc.flags), (6, addr, 256 * 1024, 1));
+    assert_eq!(
+        (alloc.alloc_no, alloc.addr, alloc.size, alloc.flags),
+        (6, addr, 256 * 1024, 1)
+    );
     assert_eq!(alloc.pid, std::process::id());
     assert_eq!((events[1].addr, events[1].size), (addr, 256 * 1024));
-    assert_eq!((events[2].addr, events[2].size, events[2].mapper), (mapping, 8192, 0x5555));
+    assert_eq!(
+        (events[2].addr, events[2].size, events[2].mapper),
+        (mapping, 8192, 0x5555)
+    );
     assert_eq!((events[3].addr, events[3].size), (mapping, 8192));
     assert_eq!((events[4].addr, events[4].size), (aligned, 300_000));
     assert_eq!(events[5].addr, aligned);
     assert!(events.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns));
 
     let stats = tracer.probe_stats();
-    let hits = |name: &str| stats.iter().find(|p| p.name == name).map(|p| p.hits).unwrap();
+    let hits = |name: &str| {
+        stats
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.hits)
+            .unwrap()
+    };
     assert!(hits("mseg_alloc") >= 1 && hits("mseg_alloc_ret") >= 1 && hits("munmap") >= 1);
     // This binary has no erts_mremap: that optional probe is reported, not attached.
     let mremap = stats.iter().find(|p| p.name == "mremap").unwrap();
     assert!(!mremap.attached);
     assert!(mremap.error.as_deref().unwrap().contains("erts_mremap"));
     let losses = tracer.losses();
-    assert_eq!((losses.events_lost, losses.map_full, losses.missed_entries), (0, 0, 0));
+    assert_eq!(
+        (losses.events_lost, losses.map_full, losses.missed_entries),
+        (0, 0, 0)
+    );
 }
 
 #[test]
@@ -171,5 +207,8 @@ fn required_symbol_missing_is_named() {
         .attach(true_bin, &symbols, std::process::id(), CARRIER_PROBES)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("erts_mseg_alloc_opt") && err.contains("/bin/true"), "{err}");
+    assert!(
+        err.contains("erts_mseg_alloc_opt") && err.contains("/bin/true"),
+        "{err}"
+    );
 }

@@ -16,10 +16,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VmError {
     /// The node was started without -sname/-name.
-    #[error("the node is not distributed (no -sname/-name on its command line): VM figures need a distributed node")]
+    #[error(
+        "the node is not distributed (no -sname/-name on its command line): VM figures need a distributed node"
+    )]
     NotDistributed,
     /// No cookie could be found.
-    #[error("no cookie found (not in --cookie, --cookie-file, the node's -setcookie, RELEASE_COOKIE, or ~/.erlang.cookie of its user): pass --cookie-file")]
+    #[error(
+        "no cookie found (not in --cookie, --cookie-file, the node's -setcookie, RELEASE_COOKIE, or ~/.erlang.cookie of its user): pass --cookie-file"
+    )]
     NoCookie,
     /// epmd did not answer.
     #[error("epmd is not reachable on {host} ({reason}): is the node distributed on this host?")]
@@ -33,7 +37,9 @@ pub enum VmError {
     #[error("epmd on this host does not know node {0}: check the node name (--node)")]
     NodeNotFound(String),
     /// The handshake failed: nearly always a wrong cookie.
-    #[error("node {node} refused the connection ({reason}): wrong cookie? pass the right one with --cookie-file")]
+    #[error(
+        "node {node} refused the connection ({reason}): wrong cookie? pass the right one with --cookie-file"
+    )]
     Refused {
         /// Node.
         node: String,
@@ -72,7 +78,9 @@ pub struct VmClient {
 
 impl std::fmt::Debug for VmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmClient").field("node", &self.node).finish()
+        f.debug_struct("VmClient")
+            .field("node", &self.node)
+            .finish()
     }
 }
 

@@ -142,7 +142,10 @@ pub fn find_cookie(
     {
         return Ok((Cookie::new(c.clone()), CookieSource::CommandLine));
     }
-    if let Some((_, c)) = environ(pid).into_iter().find(|(k, _)| k == "RELEASE_COOKIE") {
+    if let Some((_, c)) = environ(pid)
+        .into_iter()
+        .find(|(k, _)| k == "RELEASE_COOKIE")
+    {
         return Ok((Cookie::new(c), CookieSource::Environment));
     }
     if let Some(home) = home_of(pid)

@@ -5,5 +5,5 @@ pub mod discover;
 pub mod snapshot;
 
 pub use client::{VmClient, VmError};
-pub mod view;
 pub mod render;
+pub mod view;

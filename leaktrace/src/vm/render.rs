@@ -73,7 +73,11 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
         o,
         "\nprocesses: {} (top by memory, mailbox, binaries{})",
         c.process_count,
-        if c.binaries_scanned { "" } else { ": binaries not scanned, too many processes" }
+        if c.binaries_scanned {
+            ""
+        } else {
+            ": binaries not scanned, too many processes"
+        }
     );
     let _ = writeln!(
         o,
@@ -93,7 +97,11 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
         );
     }
     let _ = writeln!(o, "\nets tables: {} (top by memory)", c.table_count);
-    let _ = writeln!(o, "{:<28} {:>12} {:>10}  owner", "name", "memory", "objects");
+    let _ = writeln!(
+        o,
+        "{:<28} {:>12} {:>10}  owner",
+        "name", "memory", "objects"
+    );
     for t in &c.tables {
         let _ = writeln!(
             o,
@@ -102,7 +110,10 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
             mib(t.memory),
             t.size,
             t.owner,
-            t.owner_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+            t.owner_name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
         );
     }
     let _ = writeln!(

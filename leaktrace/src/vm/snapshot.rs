@@ -251,7 +251,10 @@ pub fn parse_allocator_sizes(name: &str, reply: &Term) -> Result<Vec<AllocatorUs
 }
 
 fn blocks_bytes(items: &[Term]) -> u64 {
-    if let Some(size) = prop(items, "blocks_size").and_then(|t| t.get(1)).and_then(uint) {
+    if let Some(size) = prop(items, "blocks_size")
+        .and_then(|t| t.get(1))
+        .and_then(uint)
+    {
         return size;
     }
     let Some(owners) = prop_value(items, "blocks").and_then(list) else {
@@ -291,7 +294,10 @@ fn fun(module: &str, function: &str, arity: u8) -> Term {
 
 fn atoms(names: &[&str]) -> Term {
     Term::from(List::from(
-        names.iter().map(|n| Term::from(Atom::from(*n))).collect::<Vec<_>>(),
+        names
+            .iter()
+            .map(|n| Term::from(Atom::from(*n)))
+            .collect::<Vec<_>>(),
     ))
 }
 
@@ -351,7 +357,10 @@ pub fn sample(vm: &VmClient, allocators: &[String], t_s: f64) -> Result<VmSample
     let reply = vm.call(
         "lists",
         "map",
-        vec![fun("erlang", "system_info", 1), Term::from(List::from(queries))],
+        vec![
+            fun("erlang", "system_info", 1),
+            Term::from(List::from(queries)),
+        ],
     )?;
     let replies = list(&reply).ok_or_else(|| shape("lists:map/2", "not a list"))?;
     for (name, reply) in allocators.iter().zip(replies) {
@@ -384,14 +393,20 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
     )?;
     let binaries_scanned = pids.len() <= BINARY_SCAN_LIMIT;
     let binaries: Vec<Option<u64>> = if binaries_scanned {
-        zipwith(vm, "erlang", "process_info", &pids, Term::from(Atom::from("binary")))?
-            .iter()
-            .map(|t| {
-                // {binary, [{Id, Size, RefCount}]}
-                let bins = list(tuple(t)?.get(1)?)?;
-                Some(bins.iter().filter_map(|b| uint(tuple(b)?.get(1)?)).sum())
-            })
-            .collect()
+        zipwith(
+            vm,
+            "erlang",
+            "process_info",
+            &pids,
+            Term::from(Atom::from("binary")),
+        )?
+        .iter()
+        .map(|t| {
+            // {binary, [{Id, Size, RefCount}]}
+            let bins = list(tuple(t)?.get(1)?)?;
+            Some(bins.iter().filter_map(|b| uint(tuple(b)?.get(1)?)).sum())
+        })
+        .collect()
     } else {
         vec![None; pids.len()]
     };
@@ -409,7 +424,8 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
         })
         .collect();
     let mut chosen: Vec<usize> = Vec::new();
-    let mut take_top = |rows: &mut Vec<(usize, u64, u64, Option<u64>)>, key: fn(&(usize, u64, u64, Option<u64>)) -> u64| {
+    let mut take_top = |rows: &mut Vec<(usize, u64, u64, Option<u64>)>,
+                        key: fn(&(usize, u64, u64, Option<u64>)) -> u64| {
         rows.sort_by_key(|r| std::cmp::Reverse(key(r)));
         for r in rows.iter().take(n).filter(|r| key(r) > 0) {
             if !chosen.contains(&r.0) {
@@ -454,7 +470,11 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
         .collect();
 
     let wordsize = vm
-        .call("erlang", "system_info", vec![Term::from(Atom::from("wordsize"))])
+        .call(
+            "erlang",
+            "system_info",
+            vec![Term::from(Atom::from("wordsize"))],
+        )
         .ok()
         .and_then(|t| uint(&t))
         .unwrap_or(8);
@@ -547,9 +567,13 @@ mod tests {
             t(vec![
                 a("instance"),
                 small(0),
-                l(vec![
-                    t(vec![a("mbcs"), l(vec![t(vec![a("blocks"), l(vec![])]), t(vec![a("carriers_size"), small(0), small(0), small(0)])])]),
-                ]),
+                l(vec![t(vec![
+                    a("mbcs"),
+                    l(vec![
+                        t(vec![a("blocks"), l(vec![])]),
+                        t(vec![a("carriers_size"), small(0), small(0), small(0)]),
+                    ]),
+                ])]),
             ]),
             t(vec![
                 a("instance"),
@@ -558,18 +582,38 @@ mod tests {
                     t(vec![
                         a("mbcs"),
                         l(vec![
-                            t(vec![a("blocks"), l(vec![t(vec![a("ets_alloc"), size(214368)]), t(vec![a("binary_alloc"), size(100)])])]),
-                            t(vec![a("carriers_size"), small(589824), small(589824), small(589824)]),
+                            t(vec![
+                                a("blocks"),
+                                l(vec![
+                                    t(vec![a("ets_alloc"), size(214368)]),
+                                    t(vec![a("binary_alloc"), size(100)]),
+                                ]),
+                            ]),
+                            t(vec![
+                                a("carriers_size"),
+                                small(589824),
+                                small(589824),
+                                small(589824),
+                            ]),
                         ]),
                     ]),
                     t(vec![
                         a("mbcs_pool"),
                         l(vec![
-                            t(vec![a("blocks"), l(vec![t(vec![a("ets_alloc"), size(5000)])])]),
+                            t(vec![
+                                a("blocks"),
+                                l(vec![t(vec![a("ets_alloc"), size(5000)])]),
+                            ]),
                             t(vec![a("carriers_size"), small(1048576)]),
                         ]),
                     ]),
-                    t(vec![a("sbcs"), l(vec![t(vec![a("blocks"), l(vec![])]), t(vec![a("carriers_size"), small(0), small(0), small(0)])])]),
+                    t(vec![
+                        a("sbcs"),
+                        l(vec![
+                            t(vec![a("blocks"), l(vec![])]),
+                            t(vec![a("carriers_size"), small(0), small(0), small(0)]),
+                        ]),
+                    ]),
                 ]),
             ]),
         ]);
@@ -583,7 +627,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.used(), 219468);
-        assert_eq!(s.by_allocator()["ets_alloc"].free(), 589824 + 1048576 - 219468);
+        assert_eq!(
+            s.by_allocator()["ets_alloc"].free(),
+            589824 + 1048576 - 219468
+        );
     }
 
     #[test]
@@ -594,8 +641,18 @@ mod tests {
             l(vec![t(vec![
                 a("mbcs"),
                 l(vec![
-                    t(vec![a("blocks_size"), small(4096), small(4096), small(4096)]),
-                    t(vec![a("carriers_size"), small(65536), small(65536), small(65536)]),
+                    t(vec![
+                        a("blocks_size"),
+                        small(4096),
+                        small(4096),
+                        small(4096),
+                    ]),
+                    t(vec![
+                        a("carriers_size"),
+                        small(65536),
+                        small(65536),
+                        small(65536),
+                    ]),
                 ]),
             ])]),
         ])]);
@@ -607,8 +664,15 @@ mod tests {
 
     #[test]
     fn parses_memory_and_displays_terms() {
-        let m = parse_memory(&l(vec![t(vec![a("total"), small(1000)]), t(vec![a("ets"), small(10)])])).unwrap();
+        let m = parse_memory(&l(vec![
+            t(vec![a("total"), small(1000)]),
+            t(vec![a("ets"), small(10)]),
+        ]))
+        .unwrap();
         assert_eq!(m["total"], 1000);
-        assert_eq!(display(&t(vec![a("gen_server"), a("loop"), small(7)])), "gen_server:loop/7");
+        assert_eq!(
+            display(&t(vec![a("gen_server"), a("loop"), small(7)])),
+            "gen_server:loop/7"
+        );
     }
 }

@@ -7,7 +7,9 @@ pub fn privileged(test: &str) -> bool {
         return true;
     }
     if std::env::var("LEAKTRACE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{test}: needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE) and LEAKTRACE_REQUIRE_PRIVILEGED=1 forbids skipping");
+        panic!(
+            "{test}: needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE) and LEAKTRACE_REQUIRE_PRIVILEGED=1 forbids skipping"
+        );
     }
     eprintln!("SKIPPED {test}: not privileged (run as root to load eBPF programs)");
     false
