@@ -30,11 +30,11 @@ const FAKE_MAPPING: u64 = 0x7e00_0000_0000;
 #[inline(never)]
 pub extern "C" fn erts_mseg_alloc_opt(
     alloc_no: u32,
-    size_p: *mut u64,
+    size_p: &mut u64,
     flags: u64,
     _opt: *const u8,
 ) -> u64 {
-    unsafe { *size_p = (*size_p + 0x3ffff) & !0x3ffff };
+    *size_p = (*size_p + 0x3ffff) & !0x3ffff;
     std::hint::black_box(FAKE_CARRIER + ((alloc_no as u64) << 24) + flags)
 }
 
@@ -52,8 +52,8 @@ pub extern "C" fn erts_mseg_dealloc_opt(
 
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn erts_mmap(mm: u64, flags: u32, sizep: *mut u64) -> u64 {
-    unsafe { *sizep = (*sizep + 0xfff) & !0xfff };
+pub extern "C" fn erts_mmap(mm: u64, flags: u32, sizep: &mut u64) -> u64 {
+    *sizep = (*sizep + 0xfff) & !0xfff;
     std::hint::black_box(FAKE_MAPPING + mm % 4096 + flags as u64)
 }
 

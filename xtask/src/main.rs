@@ -7,6 +7,8 @@ mod setup;
 mod shell;
 mod test;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -33,10 +35,20 @@ enum Task {
     Bench(bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
     setup::provision()?;
-    match cli.task {
+    match task {
         Task::Setup => Ok(()),
         Task::Build => setup::build_release().map(|_| ()),
         Task::Demo(args) => demo::run(&args),

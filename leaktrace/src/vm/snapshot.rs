@@ -377,6 +377,9 @@ fn proc_number(items: &[Term], key: &str) -> u64 {
     prop_value(items, key).and_then(uint).unwrap_or(0)
 }
 
+/// A sampled process: (index in the process list, memory, message_queue_len, refc binary bytes).
+type ProcRow = (usize, u64, u64, Option<u64>);
+
 /// The Erlang-level census: top `n` processes by memory, by queue length and by refc binaries
 /// held, top `n` tables by memory, atoms.
 pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
@@ -410,7 +413,7 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
     } else {
         vec![None; pids.len()]
     };
-    let mut rows: Vec<(usize, u64, u64, Option<u64>)> = infos
+    let mut rows: Vec<ProcRow> = infos
         .iter()
         .enumerate()
         .filter_map(|(i, t)| {
@@ -424,8 +427,7 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
         })
         .collect();
     let mut chosen: Vec<usize> = Vec::new();
-    let mut take_top = |rows: &mut Vec<(usize, u64, u64, Option<u64>)>,
-                        key: fn(&(usize, u64, u64, Option<u64>)) -> u64| {
+    let mut take_top = |rows: &mut Vec<ProcRow>, key: fn(&ProcRow) -> u64| {
         rows.sort_by_key(|r| std::cmp::Reverse(key(r)));
         for r in rows.iter().take(n).filter(|r| key(r) > 0) {
             if !chosen.contains(&r.0) {
@@ -444,8 +446,7 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
         &chosen_pids,
         atoms(&["registered_name", "initial_call", "current_function"]),
     )?;
-    let by_index: BTreeMap<usize, &(usize, u64, u64, Option<u64>)> =
-        rows.iter().map(|r| (r.0, r)).collect();
+    let by_index: BTreeMap<usize, &ProcRow> = rows.iter().map(|r| (r.0, r)).collect();
     let processes = chosen
         .iter()
         .zip(details.iter())
