@@ -1,0 +1,199 @@
+//! Replay: verdicts re-judged from recordings of real runs (`--record`), no root needed. The
+//! recordings in tests/recordings were made by `leaktrace attach --record` against the scenarios
+//! of tests/beam.rs; corrupt recordings are refused and write nothing.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+const LEAKTRACE: &str = env!("CARGO_BIN_EXE_leaktrace");
+
+fn recording(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/recordings")
+        .join(name)
+}
+
+fn report(file: &Path, extra: &[&str]) -> Output {
+    Command::new(LEAKTRACE)
+        .arg("report")
+        .arg(file)
+        .arg("--json")
+        .args(extra)
+        .output()
+        .expect("run leaktrace report")
+}
+
+fn judged(name: &str, extra: &[&str]) -> (i32, Value) {
+    let out = report(&recording(name), extra);
+    let code = out.status.code().expect("exit code");
+    assert_ne!(code, 2, "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    let json = serde_json::from_slice(&out.stdout).expect("report.json on stdout");
+    (code, json)
+}
+
+fn kind(report: &Value) -> &str {
+    report["verdict"]["kind"].as_str().expect("verdict.kind")
+}
+
+fn culprit_names(report: &Value) -> Vec<String> {
+    report["verdict"]["culprits"]
+        .as_array()
+        .expect("culprits")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("replay").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn leaking_nif_recording_is_a_native_leak() {
+    let (code, r) = judged("native_leak.json", &[]);
+    assert_eq!(kind(&r), "native_leak", "{r:#}");
+    assert_eq!(code, 1);
+    assert!(
+        culprit_names(&r).iter().any(|n| n == "unexplained"),
+        "{:#}",
+        r["verdict"]
+    );
+    let ruled: Vec<&str> = r["verdict"]["ruled_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["kind"].as_str())
+        .collect();
+    assert!(ruled.contains(&"fragmentation") && ruled.contains(&"vm_growth"), "{ruled:?}");
+}
+
+#[test]
+fn healthy_recording_is_healthy() {
+    let (code, r) = judged("healthy.json", &[]);
+    assert_eq!(kind(&r), "healthy", "{:#}", r["verdict"]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn emptied_ets_recording_is_fragmentation_of_ets_alloc() {
+    let (code, r) = judged("fragmentation.json", &[]);
+    assert_eq!(kind(&r), "fragmentation", "{:#}", r["verdict"]);
+    assert_eq!(code, 0);
+    assert!(
+        culprit_names(&r).iter().any(|n| n.starts_with("ets_alloc")),
+        "{:#}",
+        r["verdict"]
+    );
+}
+
+#[test]
+fn growing_table_recording_is_vm_growth_naming_the_table() {
+    let (code, r) = judged("vm_growth_ets.json", &[]);
+    assert_eq!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    assert_eq!(code, 1);
+    assert!(culprit_names(&r).iter().any(|n| n == "lt_growing"), "{:#}", r["verdict"]);
+}
+
+#[test]
+fn carrier_growth_without_the_vm_view_is_inconclusive_and_says_why() {
+    let (code, r) = judged("carriers_no_vm.json", &[]);
+    assert_eq!(kind(&r), "inconclusive", "{:#}", r["verdict"]);
+    assert_eq!(code, 3);
+    let summary = r["verdict"]["summary"].as_str().unwrap();
+    assert!(summary.contains("VM"), "{summary}");
+}
+
+#[test]
+fn thresholds_from_the_command_line_change_the_verdict() {
+    // The leak grows at a few MiB/s: a noise floor of 1 GiB/s hides it.
+    let (code, r) = judged("native_leak.json", &["--min-growth", "1048576"]);
+    assert_eq!(kind(&r), "healthy", "{:#}", r["verdict"]);
+    assert_eq!(code, 0);
+    assert_eq!(r["thresholds"]["min_growth_bytes_per_s"].as_f64(), Some(1073741824.0));
+    // A minimum duration longer than the run makes it inconclusive.
+    let (code, r) = judged("native_leak.json", &["--min-duration", "1h"]);
+    assert_eq!((kind(&r), code), ("inconclusive", 3));
+}
+
+#[test]
+fn report_writes_json_and_markdown_that_agree() {
+    let out_dir = scratch("written");
+    let out = Command::new(LEAKTRACE)
+        .arg("report")
+        .arg(recording("fragmentation.json"))
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let written: Value =
+        serde_json::from_str(&fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(written["schema"], 1);
+    assert_eq!(kind(&written), "fragmentation");
+    let md = fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("fragmentation") && md.contains("ets_alloc"), "{md}");
+    // The terminal summary names the verdict too.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fragmentation"));
+}
+
+/// Writes `text` as a recording, runs `report --out`, expects exit 2 naming `expect`, no output.
+fn refused(name: &str, text: &str, expect: &str) {
+    let dir = scratch(name);
+    let file = dir.join("recording.json");
+    fs::write(&file, text).unwrap();
+    let out_dir = dir.join("out");
+    let out = Command::new(LEAKTRACE)
+        .arg("report")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+    assert!(err.contains(expect), "{name}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{name}: one line: {err}");
+    assert!(out.stdout.is_empty(), "{name}");
+    assert!(!out_dir.exists(), "{name}: nothing written");
+}
+
+fn original() -> Value {
+    serde_json::from_str(&fs::read_to_string(recording("native_leak.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn corrupt_recordings_are_refused_and_write_nothing() {
+    let text = fs::read_to_string(recording("native_leak.json")).unwrap();
+    refused("truncated", &text[..text.len() / 2], "recording.json");
+    refused("garbage", "\u{0}\u{1}not json at all", "recording.json");
+    refused("empty", "", "recording.json");
+
+    let mut foreign = original();
+    foreign["schema"] = 99.into();
+    refused("schema", &foreign.to_string(), "schema");
+
+    let mut backwards = original();
+    let samples = backwards["samples"].as_array_mut().unwrap();
+    let last = samples.len() - 1;
+    samples[last]["t_s"] = 0.0.into();
+    refused("backwards", &backwards.to_string(), "recording.json");
+
+    let mut missing = original();
+    missing.as_object_mut().unwrap().remove("samples");
+    refused("missing", &missing.to_string(), "samples");
+}
+
+#[test]
+fn missing_recording_is_a_clear_error() {
+    let out = report(Path::new("/nonexistent/leaktrace.json"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/leaktrace.json"));
+}
