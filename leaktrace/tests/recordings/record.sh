@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Re-records the replay recordings from live scenarios (as root, after `cargo xtask build` and a
+# `cargo xtask test` run that compiled the fixtures into target/tmp/beam-fixtures).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+LT=target/release/leaktrace
+FIX=target/tmp/beam-fixtures
+OUT=leaktrace/tests/recordings
+
+record() { # name eval duration [leaktrace options...]
+    local name=$1 eval=$2 duration=$3
+    shift 3
+    erl -sname "lt_rec_$name" -noshell -pa "$FIX" -eval "$eval" </dev/null &
+    local pid=$!
+    until epmd -names | grep -q "name lt_rec_$name "; do sleep 0.1; done
+    sleep 3
+    "$LT" attach --pid "$pid" --duration "$duration" --quiet --record "$OUT/$name.json" "$@" >/dev/null || true
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    echo "$name: $("$LT" report "$OUT/$name.json" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["verdict"]["kind"])')"
+}
+
+record native_leak 'lt_load:leak_forever(262144, 20).' 12s
+record healthy 'lt_load:healthy_forever(10).' 12s
+record fragmentation 'lt_vm:fragment(400000, 40).' 8s
+record vm_growth_ets 'lt_vm:grow_table(4000, 50).' 12s
+record carriers_no_vm 'lt_vm:grow_table(4000, 50).' 12s --no-vm
