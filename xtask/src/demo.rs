@@ -56,7 +56,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let json: serde_json::Value = serde_json::from_str(&text).context("parsing report.json")?;
     let kind = json["verdict"]["kind"].as_str().unwrap_or("missing");
     eprintln!();
-    eprintln!("demo verdict: {kind} (leaktrace exit status {status})");
+    let code = status
+        .code()
+        .map_or_else(|| status.to_string(), |c| c.to_string());
+    eprintln!("demo verdict: {kind} (leaktrace exited {code})");
     eprintln!(
         "reports: {} and {}",
         report.display(),
