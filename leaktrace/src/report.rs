@@ -19,13 +19,101 @@ pub struct Report {
     pub recording: Recording,
     /// The verdict.
     pub verdict: Verdict,
+    /// Probe-counted carriers against the VM's own figure; the mseg cache.
+    #[serde(default)]
+    pub cross_check: CrossCheck,
 }
 
 impl Report {
     /// Judges `recording`.
     pub fn new(recording: Recording) -> Report {
         let verdict = judge(&recording);
-        Report { recording, verdict }
+        let cross_check = CrossCheck::of(&recording);
+        Report {
+            recording,
+            verdict,
+            cross_check,
+        }
+    }
+}
+
+/// Two views of the same carriers over the run: what the probes counted and what the VM reports
+/// (`carriers_size` summed, i.e. `vm_allocated`). A large difference means carriers the probes
+/// do not see (an allocator path not probed) or a VM figure that lags; both are worth knowing
+/// before trusting the ledger. Null where a source was missing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CrossCheck {
+    /// Carrier bytes created minus destroyed between the first and last sample having both
+    /// figures, as the probes counted them.
+    pub probe_carriers_change: Option<i64>,
+    /// The VM's carrier bytes change over the same samples.
+    pub vm_carriers_change: Option<i64>,
+    /// `probe_carriers_change - vm_carriers_change`.
+    pub difference: Option<i64>,
+    /// Share of mseg carrier requests served from the mseg cache during the run.
+    pub mseg_hit_rate_run: Option<f64>,
+    /// The same since the node started.
+    pub mseg_hit_rate_lifetime: Option<f64>,
+    /// Segments in the mseg cache at the end.
+    pub mseg_cached_segments: Option<u64>,
+}
+
+impl CrossCheck {
+    /// Computes the check from a recording.
+    pub fn of(r: &Recording) -> CrossCheck {
+        let both: Vec<(i64, u64)> = r
+            .samples
+            .iter()
+            .filter_map(|s| Some((s.carriers?, s.vm_allocated?)))
+            .collect();
+        let (probe, vm) = match (both.first(), both.last()) {
+            (Some(a), Some(b)) if both.len() >= 2 => {
+                (Some(b.0 - a.0), Some(b.1 as i64 - a.1 as i64))
+            }
+            _ => (None, None),
+        };
+        let census = r.vm.as_ref();
+        let end = census
+            .and_then(|v| v.census_end.as_ref())
+            .and_then(|c| c.mseg);
+        let start = census
+            .and_then(|v| v.census_start.as_ref())
+            .and_then(|c| c.mseg);
+        CrossCheck {
+            probe_carriers_change: probe,
+            vm_carriers_change: vm,
+            difference: probe.zip(vm).map(|(p, v)| p - v),
+            mseg_hit_rate_run: end.zip(start).and_then(|(e, s)| e.hit_rate_since(&s)),
+            mseg_hit_rate_lifetime: end.and_then(|e| e.hit_rate()),
+            mseg_cached_segments: end.map(|e| e.cached_segments),
+        }
+    }
+
+    /// One line for people, or None when there is nothing to compare.
+    pub fn line(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let (Some(p), Some(v), Some(d)) = (
+            self.probe_carriers_change,
+            self.vm_carriers_change,
+            self.difference,
+        ) {
+            parts.push(format!(
+                "carriers over the run: probes {}, VM {} (difference {})",
+                human_bytes(p as f64),
+                human_bytes(v as f64),
+                human_bytes(d as f64)
+            ));
+        }
+        let rate = |r: Option<f64>| r.map_or("—".into(), |r| format!("{:.0}%", r * 100.0));
+        if self.mseg_hit_rate_lifetime.is_some() {
+            parts.push(format!(
+                "mseg cache hit rate {} during the run, {} since start, {} cached segments",
+                rate(self.mseg_hit_rate_run),
+                rate(self.mseg_hit_rate_lifetime),
+                self.mseg_cached_segments.unwrap_or(0)
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
@@ -214,6 +302,9 @@ pub fn to_markdown(report: &Report) -> String {
             );
         }
     }
+    if let Some(line) = report.cross_check.line() {
+        let _ = writeln!(o, "\n## Cross-check\n\n{line}.");
+    }
     let _ = writeln!(o, "\n## Sources\n");
     let s = &r.sources;
     for (name, on) in [
@@ -291,6 +382,9 @@ pub fn terminal_summary(report: &Report) -> String {
     }
     for x in &v.ruled_out {
         let _ = write!(o, "\n  not {}: {}", x.kind.as_str(), x.reason);
+    }
+    if let Some(line) = report.cross_check.line() {
+        let _ = write!(o, "\n  check: {line}");
     }
     o
 }

@@ -565,6 +565,17 @@ fn growing_ets_table_is_vm_growth_naming_the_table() {
         names.iter().any(|n| n.contains("lt_growing")),
         "culprits: {names:?}"
     );
+    // The probes and the VM see the same carrier growth, give or take carriers in flight.
+    let check = &report["cross_check"];
+    let probes = check["probe_carriers_change"].as_i64().unwrap();
+    let vm = check["vm_carriers_change"].as_i64().unwrap();
+    assert!(vm > 32 << 20, "VM carriers grew only {vm}: {check:#}");
+    assert!(
+        check["difference"].as_i64().unwrap().abs() < vm / 4,
+        "probes {probes} vs VM {vm}: {check:#}"
+    );
+    let hit_rate = check["mseg_hit_rate_lifetime"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&hit_rate), "{check:#}");
 }
 
 #[test]
@@ -635,6 +646,7 @@ fn vm_snapshot_names_allocators_processes_and_tables() {
         "lt_growing",
         "lt_table_owner",
         "atoms:",
+        "mseg cache: hit rate",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

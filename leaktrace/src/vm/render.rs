@@ -123,5 +123,16 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
         c.atom_limit,
         usage(c.atom_count, c.atom_limit.max(1)) * 100.0
     );
+    if let Some(m) = &c.mseg {
+        let _ = writeln!(
+            o,
+            "mseg cache: hit rate {} since start ({} carrier requests, {} new mappings), {} cached segments",
+            m.hit_rate()
+                .map_or("—".into(), |r| format!("{:.0}%", r * 100.0)),
+            m.alloc_calls,
+            m.create_calls,
+            m.cached_segments
+        );
+    }
     o
 }

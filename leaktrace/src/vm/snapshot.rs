@@ -129,6 +129,40 @@ pub struct Census {
     pub atom_count: u64,
     /// Atom table limit.
     pub atom_limit: u64,
+    /// mseg_alloc's segment cache, all instances (absent in recordings without it).
+    #[serde(default)]
+    pub mseg: Option<MsegCache>,
+}
+
+/// mseg_alloc's segment cache counters, summed over instances (`erlang:system_info({allocator,
+/// mseg_alloc})`), as recon_alloc:cache_hit_rates/0 reads them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MsegCache {
+    /// `mseg_alloc` calls: carriers asked of mseg.
+    pub alloc_calls: u64,
+    /// `mseg_create` calls: carriers that needed a new mapping (cache misses).
+    pub create_calls: u64,
+    /// Segments held in the cache now.
+    pub cached_segments: u64,
+}
+
+impl MsegCache {
+    /// Share of mseg allocations served from the cache, if any were made.
+    pub fn hit_rate(&self) -> Option<f64> {
+        (self.alloc_calls > 0).then(|| {
+            self.alloc_calls.saturating_sub(self.create_calls) as f64 / self.alloc_calls as f64
+        })
+    }
+
+    /// Hit rate of the calls made between `start` and `self`.
+    pub fn hit_rate_since(&self, start: &MsegCache) -> Option<f64> {
+        MsegCache {
+            alloc_calls: self.alloc_calls.saturating_sub(start.alloc_calls),
+            create_calls: self.create_calls.saturating_sub(start.create_calls),
+            cached_segments: self.cached_segments,
+        }
+        .hit_rate()
+    }
 }
 
 // ---- term access ------------------------------------------------------------------------
@@ -268,6 +302,40 @@ fn blocks_bytes(items: &[Term]) -> u64 {
             prop(stats, "size").and_then(|s| s.get(1)).and_then(uint)
         })
         .sum()
+}
+
+/// A `{Name, GigaCalls, Calls}` counter.
+fn calls(items: &[Term], key: &str) -> u64 {
+    prop(items, key)
+        .filter(|t| t.len() == 3)
+        .and_then(|t| Some(uint(&t[1])? * 1_000_000_000 + uint(&t[2])?))
+        .unwrap_or(0)
+}
+
+/// Parses `erlang:system_info({allocator, mseg_alloc})`: per instance, `{memkind, [.., {status,
+/// [{cached_segments, N}, ..]}, {calls, [{mseg_alloc, G, N}, {mseg_create, G, N}, ..]}]}`.
+/// `None` when mseg_alloc is disabled or the reply has another shape.
+pub fn parse_mseg_cache(reply: &Term) -> Option<MsegCache> {
+    let mut out = MsegCache::default();
+    let mut seen = false;
+    for inst in list(reply)? {
+        let t = tuple(inst)?;
+        let props = list(t.get(2)?)?;
+        // OTP 18+ nests the counters in memkind; older releases had them at top level.
+        let scope = prop_value(props, "memkind").and_then(list).unwrap_or(props);
+        let Some(counters) = prop_value(scope, "calls").and_then(list) else {
+            continue;
+        };
+        seen = true;
+        out.alloc_calls += calls(counters, "mseg_alloc");
+        out.create_calls += calls(counters, "mseg_create");
+        if let Some(status) = prop_value(scope, "status").and_then(list) {
+            out.cached_segments += prop_value(status, "cached_segments")
+                .and_then(uint)
+                .unwrap_or(0);
+        }
+    }
+    seen.then_some(out)
 }
 
 /// Parses `erlang:memory()`.
@@ -535,7 +603,17 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
         tables: table_entries,
         atom_count: info("atom_count"),
         atom_limit: info("atom_limit"),
+        mseg: mseg_cache(vm),
     })
+}
+
+/// mseg_alloc's cache counters now, if the node has mseg_alloc.
+pub fn mseg_cache(vm: &VmClient) -> Option<MsegCache> {
+    let query = Term::from(erl_dist::term::Tuple::from(vec![
+        Term::from(Atom::from("allocator")),
+        Term::from(Atom::from("mseg_alloc")),
+    ]));
+    parse_mseg_cache(&vm.call("erlang", "system_info", vec![query]).ok()?)
 }
 
 /// A small integer term.
@@ -661,6 +739,52 @@ mod tests {
         assert_eq!((usage[0].blocks, usage[0].carriers), (4096, 65536));
         assert!(parse_allocator_sizes("x", &a("false")).unwrap().is_empty());
         assert!(parse_allocator_sizes("x", &l(vec![a("junk")])).is_err());
+    }
+
+    #[test]
+    fn parses_mseg_cache_counters_of_every_instance() {
+        let instance = |n: i32, alloc: i32, create: i32, cached: i32| {
+            t(vec![
+                a("instance"),
+                small(n),
+                l(vec![
+                    t(vec![a("version"), a("v")]),
+                    t(vec![
+                        a("memkind"),
+                        l(vec![
+                            t(vec![a("name"), a("all")]),
+                            t(vec![
+                                a("status"),
+                                l(vec![
+                                    t(vec![a("cached_segments"), small(cached)]),
+                                    t(vec![a("cache_hits"), small(alloc - create)]),
+                                ]),
+                            ]),
+                            t(vec![
+                                a("calls"),
+                                l(vec![
+                                    t(vec![a("mseg_alloc"), small(1), small(alloc)]),
+                                    t(vec![a("mseg_dealloc"), small(0), small(4)]),
+                                    t(vec![a("mseg_create"), small(0), small(create)]),
+                                ]),
+                            ]),
+                        ]),
+                    ]),
+                ]),
+            ])
+        };
+        let m = parse_mseg_cache(&l(vec![instance(0, 9, 7, 2), instance(1, 11, 6, 3)])).unwrap();
+        assert_eq!(m.alloc_calls, 2_000_000_020);
+        assert_eq!(m.create_calls, 13);
+        assert_eq!(m.cached_segments, 5);
+        let start = MsegCache {
+            alloc_calls: 2_000_000_000,
+            create_calls: 3,
+            cached_segments: 0,
+        };
+        assert_eq!(m.hit_rate_since(&start), Some(0.5));
+        assert_eq!(parse_mseg_cache(&a("false")), None);
+        assert_eq!(MsegCache::default().hit_rate(), None);
     }
 
     #[test]
