@@ -15,10 +15,10 @@ use crate::{fixtures, setup, shell};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Measured pairs (untraced, traced); a warm-up pair runs first and is not counted.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
     /// Workload size: rounds of allocation churn inside each node run.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 1500)]
     work: u32,
 }
 
