@@ -362,6 +362,45 @@ fn target_exiting_mid_run_still_reports() {
 }
 
 #[test]
+fn interrupt_ends_the_run_and_still_reports() {
+    if !privileged("interrupt_ends_the_run_and_still_reports") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::start("lt_load:healthy_forever(10)");
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("report");
+    let tracer = Command::new(LEAKTRACE)
+        .args([
+            "attach",
+            "--pid",
+            &node.pid().to_string(),
+            "--duration",
+            "5m",
+        ])
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(4));
+    // What Ctrl-C sends.
+    run_ok(Command::new("kill").args(["-INT", &tracer.id().to_string()]));
+    let out = tracer.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["end"], "interrupted");
+    assert!(report["samples"].as_array().unwrap().len() >= 3);
+    assert!(out_dir.join("report.json").exists() && out_dir.join("report.md").exists());
+    assert_eq!(leftover_programs(), 0, "probes left behind");
+    // The target carries on.
+    thread::sleep(Duration::from_millis(200));
+    assert!(fs::read_link(format!("/proc/{}/exe", node.pid())).is_ok());
+}
+
+#[test]
 fn bad_input_is_refused_with_exit_2_and_leaves_nothing() {
     if !privileged("bad_input_is_refused_with_exit_2_and_leaves_nothing") {
         return;
