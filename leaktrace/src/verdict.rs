@@ -455,8 +455,12 @@ fn vm_findings(
         .collect();
     fragmented.sort_by_key(|c| std::cmp::Reverse(c.bytes));
     let alloc_slope = trends.slope("vm_allocated");
-    let growing_free =
-        trends.grows("vm_allocated") && alloc_slope - used_slope > th.min_growth_bytes_per_s;
+    // Free carrier space grows: above the noise floor, and as a real share of the carrier growth
+    // (carriers always carry some slack, so used and allocated growing together is not it).
+    let free_slope = alloc_slope - used_slope;
+    let growing_free = trends.grows("vm_allocated")
+        && free_slope > th.min_growth_bytes_per_s
+        && free_slope >= th.explained_fraction * alloc_slope;
     if !fragmented.is_empty() || growing_free {
         let free: i64 = fragmented.iter().map(|c| c.bytes).sum();
         let summary = if fragmented.is_empty() {
@@ -479,11 +483,7 @@ fn vm_findings(
         };
         // Growth of free space competes with the other growth findings; a level alone is
         // primary only when nothing grows.
-        let strength = if growing_free {
-            alloc_slope - used_slope
-        } else {
-            0.0
-        };
+        let strength = if growing_free { free_slope } else { 0.0 };
         candidates.push(Candidate {
             strength,
             finding: Finding {
@@ -615,4 +615,114 @@ fn allocator_block_growth(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
         .collect();
     out.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: f64 = 1024.0 * 1024.0;
+
+    /// A real recording of a healthy node (tests/recordings), to be bent into scenarios.
+    fn healthy() -> Recording {
+        serde_json::from_str(include_str!("../tests/recordings/healthy.json")).unwrap()
+    }
+
+    /// Adds steady growth (bytes/s) to RSS, probe carriers and the VM's ets_alloc.
+    fn grow(rec: &mut Recording, rss: f64, carriers: f64, used: f64) {
+        for s in &mut rec.samples {
+            let t = s.t_s;
+            let add = |v: &mut Option<u64>, rate: f64| *v = v.map(|x| x + (rate * t) as u64);
+            add(&mut s.rss, rss);
+            add(&mut s.rss_anon, rss);
+            add(&mut s.vm_used, used);
+            add(&mut s.vm_allocated, carriers);
+            s.carriers = s.carriers.map(|c| c + (carriers * t) as i64);
+            s.unexplained = s.unexplained.map(|u| u + ((rss - carriers) * t) as i64);
+        }
+        for v in &mut rec.vm.as_mut().unwrap().samples {
+            let ets = v
+                .allocators
+                .iter_mut()
+                .find(|a| a.name == "ets_alloc" && a.instance == 0)
+                .unwrap();
+            ets.blocks += (used * v.t_s) as u64;
+            ets.carriers += (carriers * v.t_s) as u64;
+        }
+    }
+
+    fn kinds(v: &Verdict) -> Vec<VerdictKind> {
+        std::iter::once(v.kind)
+            .chain(v.secondary.iter().map(|f| f.kind))
+            .collect()
+    }
+
+    #[test]
+    fn the_healthy_recording_is_healthy() {
+        let v = judge(&healthy());
+        assert_eq!(v.kind, VerdictKind::Healthy, "{v:#?}");
+        let ruled: Vec<VerdictKind> = v.ruled_out.iter().map(|r| r.kind).collect();
+        assert_eq!(
+            ruled,
+            vec![
+                VerdictKind::NativeLeak,
+                VerdictKind::VmGrowth,
+                VerdictKind::Fragmentation
+            ]
+        );
+    }
+
+    #[test]
+    fn used_and_carriers_growing_together_is_vm_growth_only() {
+        let mut rec = healthy();
+        grow(&mut rec, 20.0 * MIB, 20.0 * MIB, 19.5 * MIB);
+        let v = judge(&rec);
+        assert_eq!(kinds(&v), vec![VerdictKind::VmGrowth], "{v:#?}");
+        assert_eq!(v.culprits[0].name, "ets_alloc");
+    }
+
+    #[test]
+    fn carriers_growing_without_use_is_fragmentation() {
+        let mut rec = healthy();
+        grow(&mut rec, 20.0 * MIB, 20.0 * MIB, 0.0);
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::Fragmentation, "{v:#?}");
+        assert!(
+            v.ruled_out
+                .iter()
+                .any(|r| r.kind == VerdictKind::NativeLeak)
+        );
+    }
+
+    #[test]
+    fn growth_outside_carriers_is_a_native_leak() {
+        let mut rec = healthy();
+        grow(&mut rec, 10.0 * MIB, 0.0, 0.0);
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::NativeLeak, "{v:#?}");
+    }
+
+    #[test]
+    fn without_the_vm_view_carrier_growth_is_inconclusive() {
+        let mut rec = healthy();
+        grow(&mut rec, 20.0 * MIB, 20.0 * MIB, 20.0 * MIB);
+        rec.vm = None;
+        for s in &mut rec.samples {
+            s.vm_used = None;
+            s.vm_allocated = None;
+        }
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
+        assert!(v.summary.contains("VM view"), "{}", v.summary);
+    }
+
+    #[test]
+    fn short_runs_are_inconclusive() {
+        let mut rec = healthy();
+        grow(&mut rec, 10.0 * MIB, 0.0, 0.0);
+        rec.samples.truncate(3);
+        rec.duration_s = rec.samples.last().unwrap().t_s;
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
+    }
 }
