@@ -106,6 +106,13 @@ mod tests {
         let own = read_rss(std::process::id()).expect("own status");
         assert!(own.rss > 0 && own.anon > 0 && own.anon <= own.rss);
         assert_eq!(read_rss(99_999_999), None);
-        assert!(own_peak_rss() >= own.rss);
+        // The kernel's RSS counters are per-CPU approximations, read at two instants here:
+        // the peak can trail an earlier RSS reading by a little, never by much.
+        let peak = own_peak_rss();
+        assert!(
+            peak >= own.rss - own.rss / 8,
+            "peak {peak} < rss {}",
+            own.rss
+        );
     }
 }

@@ -530,15 +530,7 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
                 name: t.name.clone(),
                 bytes: t.memory as i64,
                 growth_bytes_per_s: grew / dt,
-                detail: Some(format!(
-                    "{} objects, owner {}{}",
-                    t.size,
-                    t.owner,
-                    t.owner_name
-                        .as_deref()
-                        .map(|n| format!(" ({n})"))
-                        .unwrap_or_default()
-                )),
+                detail: Some(format!("{} objects, owner {}", t.size, t.owner_display())),
             });
         }
     }

@@ -583,14 +583,10 @@ fn emptied_ets_table_is_fragmentation_of_ets_alloc() {
     );
 }
 
-#[test]
-fn growing_ets_table_is_vm_growth_naming_the_table() {
-    if !privileged("growing_ets_table_is_vm_growth_naming_the_table") {
-        return;
-    }
-    let _s = serial();
-    // 4000 objects of ~450 bytes every 50 ms: about 35 MiB/s into one table.
-    let node = Node::distributed("lt_table", "lt_vm:grow_table(4000, 50)");
+/// Starts a distributed node running `eval`, traces it 8 s with the VM view, and checks the
+/// verdict is vm_growth with exit code 1.
+fn vm_growth_report(name: &str, eval: &str) -> Value {
+    let node = Node::distributed(name, eval);
     thread::sleep(Duration::from_secs(1));
     let (out, report) = attach_vm(node.pid(), "8s", &[]);
     assert_eq!(
@@ -599,6 +595,17 @@ fn growing_ets_table_is_vm_growth_naming_the_table() {
         report["verdict"]
     );
     assert_eq!(out.status.code(), Some(1));
+    report
+}
+
+#[test]
+fn growing_ets_table_is_vm_growth_naming_the_table() {
+    if !privileged("growing_ets_table_is_vm_growth_naming_the_table") {
+        return;
+    }
+    let _s = serial();
+    // 4000 objects of ~450 bytes every 50 ms: about 35 MiB/s into one table.
+    let report = vm_growth_report("lt_table", "lt_vm:grow_table(4000, 50)");
     let names = culprit_names(&report);
     assert!(
         names.iter().any(|n| n.contains("lt_growing")),
@@ -623,15 +630,7 @@ fn growing_mailbox_is_vm_growth_naming_the_process() {
         return;
     }
     let _s = serial();
-    let node = Node::distributed("lt_mbox", "lt_vm:grow_mailbox(3000, 50)");
-    thread::sleep(Duration::from_secs(1));
-    let (out, report) = attach_vm(node.pid(), "8s", &[]);
-    assert_eq!(
-        report["verdict"]["kind"], "vm_growth",
-        "{:#}",
-        report["verdict"]
-    );
-    assert_eq!(out.status.code(), Some(1));
+    let report = vm_growth_report("lt_mbox", "lt_vm:grow_mailbox(3000, 50)");
     let culprits = report["verdict"]["culprits"].as_array().unwrap();
     let sink = culprits
         .iter()

@@ -105,15 +105,11 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
     for t in &c.tables {
         let _ = writeln!(
             o,
-            "{:<28} {:>12} {:>10}  {}{}",
+            "{:<28} {:>12} {:>10}  {}",
             t.name,
             mib(t.memory),
             t.size,
-            t.owner,
-            t.owner_name
-                .as_deref()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default()
+            t.owner_display()
         );
     }
     let _ = writeln!(

@@ -109,6 +109,16 @@ pub struct TableEntry {
     pub size: u64,
 }
 
+impl TableEntry {
+    /// The owner pid, with its registered name when it has one: `<0.9.0> (lt_table_owner)`.
+    pub fn owner_display(&self) -> String {
+        match &self.owner_name {
+            Some(n) => format!("{} ({n})", self.owner),
+            None => self.owner.clone(),
+        }
+    }
+}
+
 /// The Erlang-level checklist (Erlang in Anger, ch. 7) at one instant: the heaviest processes,
 /// longest mailboxes, biggest binary holders and tables, atoms.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
