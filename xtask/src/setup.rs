@@ -51,7 +51,7 @@ fn debian_packages() -> anyhow::Result<()> {
     for (name, why) in PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
         eprintln!("    missing {name}: {why}");
     }
-    if which("apt-get").is_none() {
+    if which::which("apt-get").is_err() {
         bail!(
             "apt-get not found: install {} with this system's package manager, then run again",
             missing.join(" ")
@@ -80,7 +80,7 @@ fn deb_installed(name: &str) -> bool {
 }
 
 fn rust_toolchains() -> anyhow::Result<()> {
-    if which("rustup").is_none() {
+    if which::which("rustup").is_err() {
         bail!("rustup not found: install it from https://rustup.rs, then run again");
     }
     let toolchains = stdout(Command::new("rustup").args(["toolchain", "list"]))?;
@@ -97,49 +97,34 @@ fn rust_toolchains() -> anyhow::Result<()> {
         ]))?;
     }
     component(
-        "nightly",
+        Some("nightly"),
         "rust-src",
         "-Z build-std=core for bpfel-unknown-none",
     )?;
-    // The default toolchain of this workspace builds the tool and runs fmt and clippy.
-    for name in ["rustfmt", "clippy"] {
-        component_default(name)?;
-    }
+    // The workspace's own toolchain builds the tool and runs fmt and clippy.
+    component(None, "rustfmt", "cargo fmt --check in the test task")?;
+    component(None, "clippy", "lints in the test task")?;
     Ok(())
 }
 
-fn component(toolchain: &str, name: &str, why: &str) -> anyhow::Result<()> {
-    let installed = stdout(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        toolchain,
-    ]))?;
+/// Installs rustup component `name` on `toolchain` (None: the workspace's toolchain) if absent.
+fn component(toolchain: Option<&str>, name: &str, why: &str) -> anyhow::Result<()> {
+    let rustup = |args: &[&str]| {
+        let mut cmd = Command::new("rustup");
+        cmd.args(args).current_dir(shell::workspace_root());
+        if let Some(t) = toolchain {
+            cmd.args(["--toolchain", t]);
+        }
+        cmd
+    };
+    let on = toolchain.unwrap_or("the workspace toolchain");
+    let installed = stdout(&mut rustup(&["component", "list", "--installed"]))?;
     if installed.lines().any(|l| l.starts_with(name)) {
-        eprintln!("    {name} ({toolchain}): present");
+        eprintln!("    {name} ({on}): present");
         return Ok(());
     }
-    step(&format!("installing {name} on {toolchain} ({why})"));
-    shell::run(Command::new("rustup").args(["component", "add", name, "--toolchain", toolchain]))
-}
-
-fn component_default(name: &str) -> anyhow::Result<()> {
-    let installed = stdout(
-        Command::new("rustup")
-            .args(["component", "list", "--installed"])
-            .current_dir(shell::workspace_root()),
-    )?;
-    if installed.lines().any(|l| l.starts_with(name)) {
-        eprintln!("    {name}: present");
-        return Ok(());
-    }
-    step(&format!("installing {name}"));
-    shell::run(
-        Command::new("rustup")
-            .args(["component", "add", name])
-            .current_dir(shell::workspace_root()),
-    )
+    step(&format!("installing {name} on {on} ({why})"));
+    shell::run(&mut rustup(&["component", "add", name]))
 }
 
 /// bpf-linker links the eBPF object with the nightly's own LLVM. It is found by rustc run under
@@ -226,13 +211,6 @@ fn stdout(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
 }
 
 /// True when running as root (euid 0), read from /proc so no libc binding is needed.
