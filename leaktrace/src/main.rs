@@ -13,7 +13,7 @@ use leaktrace::{
     report::{self, Report},
     session,
     vm::{
-        discover::{Cookie, CookieSource},
+        discover::{self, Cookie, CookieSource},
         render,
         view::VmView,
     },
@@ -40,11 +40,14 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Load(format!("cannot start the runtime: {e}")))?;
-            let recording = runtime.block_on(session::trace(&launch, &cfg))?;
-            if let Some(path) = &cfg.record {
-                recording.write(path)?;
-            }
-            emit(Report::new(recording), &cfg)
+            let finished = runtime.block_on(session::trace(&launch, &cfg))?;
+            let recording = finished.recording;
+            let code = emit(Report::new(recording.clone()), &cfg);
+            let recorded = cfg.record.as_ref().map(|path| recording.write(path));
+            // The probes leave the kernel while the report is written; exit only when gone.
+            finished.detaching.wait();
+            recorded.transpose()?;
+            code
         }
         Command::Report(ReportConfig {
             file,
@@ -77,49 +80,55 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
             VmView::connect(pid, access)
         }
         None => {
-            let node = access.node.clone().unwrap_or_default();
+            let addr = discover::find_node_by_name(access.node.as_deref().unwrap_or_default())
+                .map_err(|e| Error::Vm(e.to_string()))?;
             let (cookie, source) = match (&access.cookie, &access.cookie_file) {
                 (Some(c), _) => (c.clone(), CookieSource::Flag),
                 (None, Some(f)) => (
-                    Cookie::new(std::fs::read_to_string(f).map_err(|e| {
-                        Error::Vm(format!("cannot read --cookie-file {}: {e}", f.display()))
-                    })?),
+                    Cookie::new(
+                        String::from_utf8_lossy(&discover::read_operator_file(f, 4096).map_err(
+                            |e| Error::Vm(format!("cannot use --cookie-file {}: {e}", f.display())),
+                        )?)
+                        .into_owned(),
+                    ),
                     CookieSource::File,
                 ),
                 (None, None) => {
                     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
                     let file = std::path::Path::new(&home).join(".erlang.cookie");
-                    let c = std::fs::read_to_string(&file).map_err(|e| {
+                    let raw = discover::read_operator_file(&file, 4096).map_err(|e| {
                         Error::Vm(format!(
                             "no cookie: give --cookie-file ({}: {e})",
                             file.display()
                         ))
                     })?;
-                    (Cookie::new(c), CookieSource::HomeFile)
+                    (
+                        Cookie::new(String::from_utf8_lossy(&raw).into_owned()),
+                        CookieSource::HomeFile,
+                    )
                 }
             };
-            VmView::connect_node(&node, &cookie, source, access.top)
+            VmView::connect_node(&addr, &cookie, source, access.top)
         }
     };
-    let mut view = view.map_err(|e| Error::Vm(e.to_string()))?;
-    let sample = view
-        .sample(0.0)
-        .map_err(|e| Error::Vm(e.to_string()))?
-        .clone();
+    let view = view.map_err(|e| Error::Vm(e.to_string()))?;
+    let sample = view.sample(0.0).map_err(|e| Error::Vm(e.to_string()))?;
     let census = view.census(0.0).map_err(|e| Error::Vm(e.to_string()))?;
+    let snapshot = render::Snapshot {
+        node: view.node(),
+        found_by: view.found_by(),
+        disabled_allocators: view.disabled_allocators(),
+        allocators: &sample,
+        usage: render::usage(sample.used(), sample.allocated()),
+        census: &census,
+    };
     if json {
-        let snapshot = render::Snapshot {
-            node: view.node(),
-            allocators: &sample,
-            usage: render::usage(sample.used(), sample.allocated()),
-            census: &census,
-        };
         println!(
             "{}",
             serde_json::to_string_pretty(&snapshot).expect("serializable")
         );
     } else {
-        print!("{}", render::text(view.node(), &sample, &census));
+        print!("{}", render::text(&snapshot));
     }
     Ok(0)
 }

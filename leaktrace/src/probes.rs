@@ -238,6 +238,18 @@ impl Tracer {
             .map_err(|e| format!("{e:#}"))
     }
 
+    /// Detaches every probe on a thread of its own: the kernel removes uprobes one after
+    /// another, each after a grace period (~100 ms here, two seconds for a run's probes), so the
+    /// report need not wait for it. [`Detaching::wait`] before exiting.
+    pub fn detach_in_background(self) -> Detaching {
+        Detaching(
+            std::thread::Builder::new()
+                .name("leaktrace-detach".into())
+                .spawn(move || drop(self))
+                .ok(),
+        )
+    }
+
     /// Whether every probe in `specs` that the binary has attached.
     pub fn attached(&self, program: &str) -> bool {
         self.probes
@@ -297,5 +309,26 @@ impl Tracer {
         (0..P::COUNT)
             .map(|id| self.counter(counter::HITS_BASE + id))
             .sum()
+    }
+}
+
+/// Probes being detached; [`Detaching::wait`] returns once none is left in the kernel.
+#[derive(Debug)]
+pub struct Detaching(Option<std::thread::JoinHandle<()>>);
+
+impl Detaching {
+    /// Waits until every probe is gone.
+    pub fn wait(mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Detaching {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::Error,
     recording::{Recording, Sample},
+    units::human_bytes,
     verdict::{Verdict, judge},
 };
 
@@ -114,22 +115,6 @@ impl CrossCheck {
             ));
         }
         (!parts.is_empty()).then(|| parts.join("; "))
-    }
-}
-
-/// Bytes for humans: "12.3 MiB", "-4.0 KiB", "512 B".
-pub fn human_bytes(bytes: f64) -> String {
-    let sign = if bytes < 0.0 { "-" } else { "" };
-    let b = bytes.abs();
-    const K: f64 = 1024.0;
-    if b >= K * K * K {
-        format!("{sign}{:.2} GiB", b / (K * K * K))
-    } else if b >= K * K {
-        format!("{sign}{:.1} MiB", b / (K * K))
-    } else if b >= K {
-        format!("{sign}{:.1} KiB", b / K)
-    } else {
-        format!("{sign}{b:.0} B")
     }
 }
 
@@ -401,17 +386,4 @@ pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
     let md = dir.join("report.md");
     fs::write(&md, to_markdown(report)).map_err(io(&md))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_bytes_units() {
-        assert_eq!(human_bytes(512.0), "512 B");
-        assert_eq!(human_bytes(1536.0), "1.5 KiB");
-        assert_eq!(human_bytes(-3.0 * 1024.0 * 1024.0), "-3.0 MiB");
-        assert_eq!(human_bytes(2.0 * 1024.0 * 1024.0 * 1024.0), "2.00 GiB");
-    }
 }

@@ -3,10 +3,9 @@
 
 use std::{
     fs,
-    io::{IsTerminal, Write},
-    os::{fd::FromRawFd, unix::process::CommandExt},
-    path::{Path, PathBuf},
-    process::{Child, Command},
+    io::IsTerminal,
+    path::PathBuf,
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -20,23 +19,27 @@ use crate::{
     config::{Launch, TraceConfig},
     error::Error,
     image::ImageView,
+    launch::{self, HeldChild},
     ledger::{self, Accounted, Rss},
     lock::TargetLock,
     privilege,
-    probes::{CARRIER_PROBES, Tracer, required_symbols},
-    recording::{EndReason, Recording, SCHEMA, Sample, Sources, Target},
-    report::human_bytes,
+    probes::{CARRIER_PROBES, Detaching, Tracer, required_symbols},
+    progress,
+    recording::{EndReason, Recording, SCHEMA, Sources, Target},
     symbols::SymbolTable,
     target,
-    vm::view::VmState,
+    vm::view::{LedgerFigures, VmOutcome, VmWorker},
 };
 
 /// How often the ring buffer is drained between samples. Carrier events are rare; this keeps
 /// the 1 MiB ring far from full without a wakeup per event.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
-/// How long `run` waits for the command to exec beam.smp.
-const BEAM_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the end of a run waits for the node's closing census: after `--duration`, and
+/// after Ctrl-C or SIGTERM (which must end the run within a second).
+const CLOSING_CENSUS_WAIT: Duration = Duration::from_secs(10);
+const CLOSING_CENSUS_WAIT_MIN: Duration = Duration::from_secs(2);
+const CLOSING_CENSUS_WAIT_INTERRUPTED: Duration = Duration::from_millis(600);
 
 /// A traced process and what is known of its image.
 struct Traced {
@@ -49,7 +52,7 @@ struct Traced {
 
 /// Traces per `launch` and `cfg`; the recording holds everything gathered, also after Ctrl-C
 /// or the target's exit.
-pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Error> {
+pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error> {
     match launch {
         Launch::Attach { pid } => {
             // Order: a wrong PID is named as such even without privileges.
@@ -57,16 +60,13 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
             privilege::require()?;
             let proc = target::inspect(*pid)?;
             let _lock = TargetLock::acquire(*pid)?;
-            let display = proc.exe.display().to_string();
-            let symbols = SymbolTable::read(&proc.image, &display)?;
-            symbols.require(&required_symbols(CARRIER_PROBES))?;
-            let mut tracer = Tracer::load()?;
+            let (symbols, mut tracer) = prepare(&proc.image, &proc.exe)?;
             tracer.attach(&proc.image, &symbols, *pid, CARRIER_PROBES)?;
             let traced = Traced {
                 pid: *pid,
                 target: Target {
                     pid: *pid,
-                    exe: display,
+                    exe: proc.exe.display().to_string(),
                     otp_release: proc.otp_release,
                     node: proc.node,
                 },
@@ -80,18 +80,15 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
             privilege::require()?;
             let beam = match beam {
                 Some(b) => b.clone(),
-                None => find_beam(command)?,
+                None => launch::find_beam(command)?,
             };
-            let display = beam.display().to_string();
             if !target::is_beam(&beam) {
                 return Err(Error::BeamNotFound {
                     command: command.join(" "),
-                    reason: format!("{display} is not a beam.smp"),
+                    reason: format!("{} is not a beam.smp", beam.display()),
                 });
             }
-            let symbols = SymbolTable::read(&beam, &display)?;
-            symbols.require(&required_symbols(CARRIER_PROBES))?;
-            let mut tracer = Tracer::load()?;
+            let (symbols, mut tracer) = prepare(&beam, &beam)?;
             let held = HeldChild::spawn(command, cfg.json)?;
             let pid = held.child.id();
             let _lock = TargetLock::acquire(pid)?;
@@ -102,13 +99,13 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
                 return Err(e);
             }
             let child = held.release()?;
-            wait_for_beam(pid).await?;
+            launch::wait_for_beam(pid).await?;
             let cmdline = target::read_cmdline(pid).unwrap_or_default();
             let traced = Traced {
                 pid,
                 target: Target {
                     pid,
-                    exe: display,
+                    exe: beam.display().to_string(),
                     otp_release: target::otp_release(&beam, &cmdline),
                     node: target::node_name(&cmdline),
                 },
@@ -121,138 +118,30 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Recording, Erro
     }
 }
 
-/// Finds the beam.smp an `erl`-style command will exec: `ROOT/bin/erl` -> `ROOT/erts-*/bin/beam.smp`.
-pub fn find_beam(command: &[String]) -> Result<PathBuf, Error> {
-    let not_found = |reason: String| Error::BeamNotFound {
-        command: command.join(" "),
-        reason,
-    };
-    let program = command
-        .first()
-        .ok_or_else(|| not_found("empty command".into()))?;
-    let path = which::which(program).map_err(|e| not_found(format!("{program}: {e}")))?;
-    let path =
-        fs::canonicalize(&path).map_err(|e| not_found(format!("{}: {e}", path.display())))?;
-    if target::is_beam(&path) {
-        return Ok(path);
-    }
-    let root = path
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| not_found(format!("{} has no Erlang root above it", path.display())))?;
-    let mut found: Vec<PathBuf> = fs::read_dir(root)
-        .map_err(|e| not_found(format!("{}: {e}", root.display())))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("erts-"))
-        .map(|e| e.path().join("bin/beam.smp"))
-        .filter(|p| p.exists())
-        .collect();
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => Err(not_found(format!(
-            "no erts-*/bin/beam.smp under {}",
-            root.display()
-        ))),
-        _ => Err(not_found(format!(
-            "several erts-*/bin/beam.smp under {}",
-            root.display()
-        ))),
-    }
+/// A finished run: what was gathered, and its probes on their way out of the kernel.
+#[derive(Debug)]
+pub struct Finished {
+    /// Everything gathered.
+    pub recording: Recording,
+    /// Wait on it before exiting (dropping it waits too).
+    pub detaching: Detaching,
 }
 
-/// A command started but held before its exec until the probes are attached (as memleak's
-/// `-c` does), through a shell that waits on a pipe.
-struct HeldChild {
-    child: Child,
-    go: Option<fs::File>,
+/// What `attach` and `run` share before attaching: the image's symbols (every required one
+/// present) and the loaded eBPF programs.
+fn prepare(image: &std::path::Path, exe: &std::path::Path) -> Result<(SymbolTable, Tracer), Error> {
+    let symbols = SymbolTable::read(image, &exe.display().to_string())?;
+    symbols.require(&required_symbols(CARRIER_PROBES))?;
+    let tracer = Tracer::load()?;
+    Ok((symbols, tracer))
 }
 
-impl HeldChild {
-    /// With `json_on_stdout`, the command's stdout goes to stderr so that stdout stays JSON.
-    fn spawn(command: &[String], json_on_stdout: bool) -> Result<HeldChild, Error> {
-        let spawn_err = |reason: String| Error::Spawn {
-            command: command.join(" "),
-            reason,
-        };
-        let mut fds = [0; 2];
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(spawn_err(std::io::Error::last_os_error().to_string()));
+/// Puts VM figures into the ledger samples they were asked for.
+fn fill_vm_figures(samples: &mut [crate::recording::Sample], figures: Vec<LedgerFigures>) {
+    for f in figures {
+        if let Some(s) = samples.get_mut(f.index) {
+            (s.vm_used, s.vm_allocated) = (f.used, f.allocated);
         }
-        let (read_fd, write_fd) = (fds[0], fds[1]);
-        let mut cmd = Command::new("/bin/sh");
-        // The shell exits without running the command if the pipe closes without a "go" line:
-        // a leaktrace that fails to attach never lets the command run untraced.
-        cmd.arg("-c")
-            .arg(r#"read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; exec "$@""#)
-            .arg("leaktrace-run")
-            .args(command);
-        if json_on_stdout {
-            cmd.stdout(std::io::stderr());
-        }
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(read_fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Own process group: Ctrl-C meant for leaktrace must not reach the node
-                // (it would open the BREAK menu or kill it).
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn();
-        unsafe { libc::close(read_fd) };
-        let go = unsafe { fs::File::from_raw_fd(write_fd) };
-        let child = child.map_err(|e| spawn_err(e.to_string()))?;
-        Ok(HeldChild {
-            child,
-            go: Some(go),
-        })
-    }
-
-    /// Lets the command exec.
-    fn release(mut self) -> Result<Child, Error> {
-        let mut go = self.go.take().expect("released once");
-        go.write_all(b"go\n").map_err(|e| Error::Spawn {
-            command: "held command".into(),
-            reason: e.to_string(),
-        })?;
-        drop(go);
-        Ok(self.child)
-    }
-
-    /// Never lets the command run: closing the pipe makes the shell exit.
-    fn abort(mut self) {
-        self.go.take();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_for_beam(pid: u32) -> Result<(), Error> {
-    let deadline = Instant::now() + BEAM_START_TIMEOUT;
-    loop {
-        match fs::read_link(format!("/proc/{pid}/exe")) {
-            Ok(exe) if target::is_beam(&exe) => return Ok(()),
-            Ok(_) => {}
-            Err(_) => {
-                return Err(Error::Spawn {
-                    command: format!("PID {pid}"),
-                    reason: "the command exited before starting beam.smp".into(),
-                });
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Spawn {
-                command: format!("PID {pid}"),
-                reason: format!(
-                    "it did not exec beam.smp within {}s (is it an erl command?)",
-                    BEAM_START_TIMEOUT.as_secs()
-                ),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -298,38 +187,11 @@ fn accounted(ledger: &CarrierLedger, names: &OwnerNames, carriers_live: bool) ->
     }
 }
 
-fn progress_line(s: &Sample, rss0: u64, events: u64) -> String {
-    let opt = |v: Option<i64>| v.map_or("—".to_string(), |b| human_bytes(b as f64));
-    let rate = if s.t_s > 0.0 {
-        (s.rss.unwrap_or(0) as f64 - rss0 as f64) / s.t_s
-    } else {
-        0.0
-    };
-    let vm = match (s.vm_used, s.vm_allocated) {
-        (Some(u), Some(a)) => format!(
-            "  vm used/alloc {}/{}",
-            human_bytes(u as f64),
-            human_bytes(a as f64)
-        ),
-        _ => String::new(),
-    };
-    format!(
-        "[{:>5.0}s] rss {} ({}/s)  carriers {}  mseg_cache {}  unexplained {}{vm}  events {}",
-        s.t_s,
-        human_bytes(s.rss.unwrap_or(0) as f64),
-        human_bytes(rate),
-        opt(s.carriers),
-        opt(s.mseg_cache),
-        opt(s.unexplained),
-        events
-    )
-}
-
 async fn sample_loop(
     mut traced: Traced,
     mut tracer: Tracer,
     cfg: &TraceConfig,
-) -> Result<Recording, Error> {
+) -> Result<Finished, Error> {
     let carriers_live = CARRIER_PROBES
         .iter()
         .filter(|p| p.required)
@@ -341,23 +203,20 @@ async fn sample_loop(
     };
     learned.learn(&traced, &mut ledger);
 
-    let mut vm = VmState::new(cfg.vm.as_ref());
-    vm.poll_connect(traced.pid, 0.0);
-
     let start = Instant::now();
+    let mut vm = VmWorker::spawn(traced.pid, cfg.vm.as_ref(), start);
+
     let Some(rss0) = ledger::read_rss(traced.pid) else {
         return Err(Error::NoSuchProcess { pid: traced.pid });
     };
     let baseline = rss0.anon;
-    let mut first = ledger::sample(
+    let first = ledger::sample(
         0.0,
         rss0,
         baseline,
         accounted(&ledger, &learned.names, carriers_live),
     );
-    if let Some((used, allocated)) = vm.sample(0.0) {
-        (first.vm_used, first.vm_allocated) = (Some(used), Some(allocated));
-    }
+    vm.request(0.0, 0);
     let mut samples = vec![first];
     let progress = cfg.progress && std::io::stderr().is_terminal();
 
@@ -383,20 +242,20 @@ async fn sample_loop(
                 let rss: Option<Rss> = if exited { None } else { ledger::read_rss(traced.pid) };
                 let Some(rss) = rss else { break EndReason::TargetExited };
                 let t_s = start.elapsed().as_secs_f64();
-                let mut s = ledger::sample(
+                let s = ledger::sample(
                     t_s,
                     rss,
                     baseline,
                     accounted(&ledger, &learned.names, carriers_live),
                 );
-                vm.poll_connect(traced.pid, t_s);
-                if let Some((used, allocated)) = vm.sample(t_s) {
-                    (s.vm_used, s.vm_allocated) = (Some(used), Some(allocated));
-                }
-                if progress {
-                    eprint!("\r\x1b[2K{}", progress_line(&s, rss0.rss, ledger.events()));
-                }
+                // VM figures arrive from the worker when the node answers; the loop never waits.
+                vm.request(t_s, samples.len());
                 samples.push(s);
+                fill_vm_figures(&mut samples, vm.take_figures());
+                if progress {
+                    let line = progress::line(samples.last().expect("pushed"), rss0.rss, ledger.events());
+                    eprint!("\r\x1b[2K{line}");
+                }
             }
             _ = sleep_until(deadline) => break EndReason::Duration,
             _ = sigint.recv() => break EndReason::Interrupted,
@@ -413,11 +272,30 @@ async fn sample_loop(
     losses.unknown_frees = ledger.unknown_frees();
     losses.probe_errors += ledger.undecodable();
     let probes = tracer.probe_stats();
-    drop(tracer); // detach every probe before anything else can fail
+    let detaching = tracer.detach_in_background();
 
-    let (vm_evidence, vm_note) = vm.finish(duration_s);
+    let wait = match end {
+        EndReason::Duration => vm.closing_wait(CLOSING_CENSUS_WAIT_MIN, CLOSING_CENSUS_WAIT),
+        EndReason::Interrupted => CLOSING_CENSUS_WAIT_INTERRUPTED,
+        EndReason::TargetExited => Duration::ZERO,
+    };
+    let VmOutcome {
+        evidence: vm_evidence,
+        note: vm_note,
+        figures,
+    } = vm.finish(wait);
+    fill_vm_figures(&mut samples, figures);
     let vm_connection = vm_evidence.as_ref().is_some_and(|e| !e.samples.is_empty());
-    let mut source_notes: Vec<String> = vm_note.into_iter().collect();
+    let mut source_notes: Vec<String> = vec![vm_note];
+    if let Some(e) = vm_evidence
+        .as_ref()
+        .filter(|e| !e.disabled_allocators.is_empty())
+    {
+        source_notes.push(format!(
+            "the node runs without ERTS allocators {} (+M flags): their memory comes from malloc, outside any carrier; carriers and vm_used cannot account for it, the census does",
+            e.disabled_allocators.join(", ")
+        ));
+    }
     if !vm_connection {
         source_notes.push("vm_used and vm_allocated are not measured (null)".into());
     }
@@ -448,7 +326,7 @@ async fn sample_loop(
         ));
     }
 
-    Ok(Recording {
+    let recording = Recording {
         schema: SCHEMA,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         target: traced.target.clone(),
@@ -471,20 +349,9 @@ async fn sample_loop(
             events: ledger.events(),
         },
         vm: vm_evidence,
+    };
+    Ok(Finished {
+        recording,
+        detaching,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn find_beam_refuses_non_erlang_commands() {
-        let err = find_beam(&["true".to_string()]).unwrap_err().to_string();
-        assert!(err.contains("--beam"), "{err}");
-        let err = find_beam(&["no-such-program-xyz".to_string()])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no-such-program-xyz"), "{err}");
-    }
 }

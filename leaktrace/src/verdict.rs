@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    recording::{Census, Recording, Sample, Thresholds, VmEvidence},
-    report::human_bytes,
+    recording::{Recording, Sample, Thresholds, VmEvidence},
     trend::{Growth, growth, series},
+    units::{human_bytes, rate},
 };
 
 /// The answer.
@@ -50,11 +50,67 @@ impl VerdictKind {
     }
 }
 
+/// What kind of thing a culprit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CulpritKind {
+    /// An ERTS allocator (`ets_alloc`, ...).
+    Allocator,
+    /// An ETS table.
+    EtsTable,
+    /// One process (its heap or mailbox).
+    Process,
+    /// A process holding refc binaries.
+    BinaryHolder,
+    /// Processes sharing an initial call, growing in number or memory.
+    ProcessGroup,
+    /// `persistent_term` storage.
+    PersistentTerm,
+    /// Loaded code (modules never purged).
+    Code,
+    /// Ports (driver queues and buffers).
+    Ports,
+    /// The atom table.
+    Atoms,
+    /// System memory outside atoms, binaries, code and ETS.
+    System,
+    /// Native allocations seen by the native probes.
+    Native,
+    /// Memory outside ERTS carriers that no probe explains.
+    Unexplained,
+}
+
+impl CulpritKind {
+    /// snake_case name, as in report.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CulpritKind::Allocator => "allocator",
+            CulpritKind::EtsTable => "ets_table",
+            CulpritKind::Process => "process",
+            CulpritKind::BinaryHolder => "binary_holder",
+            CulpritKind::ProcessGroup => "process_group",
+            CulpritKind::PersistentTerm => "persistent_term",
+            CulpritKind::Code => "code",
+            CulpritKind::Ports => "ports",
+            CulpritKind::Atoms => "atoms",
+            CulpritKind::System => "system",
+            CulpritKind::Native => "native",
+            CulpritKind::Unexplained => "unexplained",
+        }
+    }
+}
+
+impl std::fmt::Display for CulpritKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who is responsible, with numbers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Culprit {
-    /// `allocator`, `ets_table`, `process`, `binary_holder`, `unexplained`.
-    pub kind: String,
+    /// What it is.
+    pub kind: CulpritKind,
     /// Name an operator can act on.
     pub name: String,
     /// Bytes it holds (at the end of the run).
@@ -118,10 +174,6 @@ pub struct Verdict {
     pub ruled_out: Vec<RuledOut>,
     /// Trends of the ledger lines.
     pub trends: Vec<TrendLine>,
-}
-
-fn rate(bytes_per_s: f64) -> String {
-    format!("{}/s", human_bytes(bytes_per_s))
 }
 
 type Line = fn(&Sample) -> Option<f64>;
@@ -229,7 +281,17 @@ pub fn judge(rec: &Recording) -> Verdict {
 
     // native_leak: RSS grows and most of it is outside what ERTS carriers account for.
     let unexplained_slope = trends.slope("unexplained");
-    if !rec.sources.carrier_probes {
+    let vm_outside_carriers = rec.vm.as_ref().filter(|v| v.memory_outside_carriers());
+    if let Some(vm) = vm_outside_carriers {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::NativeLeak,
+            reason: format!(
+                "not judged from memory outside carriers: the node runs without ERTS allocators {} (+M flags), so the VM's own memory lives outside carriers too ({})",
+                vm.disabled_allocators.join(", "),
+                trends.describe("unexplained")
+            ),
+        });
+    } else if !rec.sources.carrier_probes {
         ruled_out.push(RuledOut {
             kind: VerdictKind::NativeLeak,
             reason:
@@ -249,14 +311,14 @@ pub fn judge(rec: &Recording) -> Verdict {
         let native = rec.samples.iter().rev().find_map(|s| s.native_outstanding);
         let culprit = match native {
             Some(bytes) if trends.grows("native_outstanding") => Culprit {
-                kind: "native".into(),
+                kind: CulpritKind::Native,
                 name: "native allocations (malloc family / enif / driver)".into(),
                 bytes,
                 growth_bytes_per_s: trends.slope("native_outstanding"),
                 detail: None,
             },
             _ => Culprit {
-                kind: "unexplained".into(),
+                kind: CulpritKind::Unexplained,
                 name: "memory outside ERTS carriers: NIF, driver or library malloc/mmap (native probes off)".into(),
                 bytes: last,
                 growth_bytes_per_s: unexplained_slope,
@@ -333,12 +395,7 @@ pub fn judge(rec: &Recording) -> Verdict {
             VerdictKind::Inconclusive,
             match notes.first() {
                 Some(n) => n.clone(),
-                None => format!(
-                    "RSS grows {} but neither carriers ({}) nor the unexplained remainder ({}) accounts for most of it",
-                    rate(rss_slope),
-                    rate(trends.slope("carriers")),
-                    rate(unexplained_slope)
-                ),
+                None => inconclusive_growth(rec, &trends),
             },
             Vec::new(),
         ),
@@ -382,6 +439,39 @@ pub fn judge(rec: &Recording) -> Verdict {
     }
 }
 
+/// Why growing RSS got no verdict, in words that agree with the figures shown.
+fn inconclusive_growth(rec: &Recording, trends: &Trends) -> String {
+    let th = &rec.thresholds;
+    let rss_slope = trends.slope("rss_anon");
+    let carriers_slope = trends.slope("carriers") + trends.slope("mseg_cache");
+    let share = |x: f64| 100.0 * x / rss_slope.max(1.0);
+    if rec.vm.as_ref().is_some_and(|v| v.memory_outside_carriers()) {
+        return format!(
+            "RSS grows {}; the node runs without ERTS allocators, so carriers cannot account for it, and the census names no owner that grows beyond the floors",
+            rate(rss_slope)
+        );
+    }
+    if carriers_slope >= th.explained_fraction * rss_slope {
+        return format!(
+            "RSS grows {} and ERTS carriers grow {} ({:.0}% of it), but the VM's figures name no owner: {}; {}",
+            rate(rss_slope),
+            rate(carriers_slope),
+            share(carriers_slope),
+            trends.describe("vm_used"),
+            trends.describe("vm_allocated")
+        );
+    }
+    format!(
+        "RSS grows {} but neither carriers ({}, {:.0}%) nor the unexplained remainder ({}, {:.0}%) reaches {:.0}% of it (--explained-fraction)",
+        rate(rss_slope),
+        rate(carriers_slope),
+        share(carriers_slope),
+        rate(trends.slope("unexplained")),
+        share(trends.slope("unexplained")),
+        th.explained_fraction * 100.0
+    )
+}
+
 /// VM-level findings: vm_growth (used grows) and fragmentation (free carrier space, by level
 /// or by allocated growing faster than used).
 fn vm_findings(
@@ -392,30 +482,59 @@ fn vm_findings(
     ruled_out: &mut Vec<RuledOut>,
 ) {
     let used_slope = trends.slope("vm_used");
-    if trends.grows("vm_used") {
-        let mut culprits = erlang_culprits(vm, th);
-        if culprits.is_empty() {
-            culprits = allocator_block_growth(vm, th);
-        }
+    let census = erlang_culprits(vm, th);
+    let dt = census_span(vm);
+    let census_rate: f64 = census.iter().map(|c| c.growth_bytes_per_s.max(0.0)).sum();
+    // Without vm_used (allocators disabled: the VM's memory is malloc'd, outside carriers),
+    // the census alone shows VM growth: what its owners gained over the run.
+    let census_grows = trends.get("vm_used").is_none()
+        && census_rate >= th.min_growth_bytes_per_s
+        && census_rate * dt >= th.min_total_growth_bytes;
+    if trends.grows("vm_used") || census_grows {
+        let culprits = if census.is_empty() {
+            allocator_block_growth(vm, th)
+        } else {
+            census
+        };
         let who = culprits
             .first()
-            .map(|c| format!(": {} {}", c.kind.replace('_', " "), c.name))
+            .map(|c| format!(": {} {}", c.kind.as_str().replace('_', " "), c.name))
             .unwrap_or_default();
-        candidates.push(Candidate {
-            strength: used_slope,
-            finding: Finding {
-                kind: VerdictKind::VmGrowth,
-                summary: format!(
+        let (strength, summary) = if census_grows {
+            (
+                census_rate,
+                format!(
+                    "memory the VM's owners hold grows {} (census; vm_used cannot be measured on this node){who}",
+                    rate(census_rate)
+                ),
+            )
+        } else {
+            (
+                used_slope,
+                format!(
                     "memory the VM uses grows {} (vm_used){who}",
                     rate(used_slope)
                 ),
+            )
+        };
+        candidates.push(Candidate {
+            strength,
+            finding: Finding {
+                kind: VerdictKind::VmGrowth,
+                summary,
                 culprits,
             },
         });
     } else {
         ruled_out.push(RuledOut {
             kind: VerdictKind::VmGrowth,
-            reason: format!("{}, under the growth floor", trends.describe("vm_used")),
+            reason: match trends.get("vm_used") {
+                Some(_) => format!("{}, under the growth floor", trends.describe("vm_used")),
+                None => format!(
+                    "vm_used not measured; the census shows owners growing {} in all, under the growth floor",
+                    rate(census_rate)
+                ),
+            },
         });
     }
 
@@ -438,7 +557,7 @@ fn vm_findings(
                 .map(|i| i.instance)
                 .unwrap_or(0);
             Culprit {
-                kind: "allocator".into(),
+                kind: CulpritKind::Allocator,
                 name: a.name.clone(),
                 bytes: a.free() as i64,
                 growth_bytes_per_s: 0.0,
@@ -507,8 +626,25 @@ fn vm_findings(
     }
 }
 
-/// Erlang-level culprits from the start and end census: tables, processes and binary holders
-/// that grew, most growth first.
+/// Seconds between the start and end census (0 without both).
+fn census_span(vm: &VmEvidence) -> f64 {
+    match (&vm.census_start, &vm.census_end) {
+        (Some(a), Some(b)) => (b.t_s - a.t_s).max(0.0),
+        _ => 0.0,
+    }
+}
+
+/// A process group must gain this many processes to be named for its count alone.
+const GROUP_MIN_NEW_PROCESSES: u64 = 1000;
+/// Loaded modules gained to name loaded code.
+const CODE_MIN_NEW_MODULES: u64 = 100;
+/// Atoms gained to name the atom table.
+const ATOMS_MIN_NEW: u64 = 10_000;
+
+/// Erlang-level culprits from the start and end census: tables, processes, binary holders,
+/// process groups, persistent terms, loaded code, ports, atoms and other system memory that
+/// grew, most growth first. Each owner appears once; no figure exceeds what the node's own
+/// category holds (`erlang:memory/0` at the end census).
 fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
     let (Some(start), Some(end)) = (&vm.census_start, &vm.census_end) else {
         return Vec::new();
@@ -516,6 +652,10 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
     let dt = (end.t_s - start.t_s).max(1e-3);
     // Worth naming: grew at least a quarter of the run's growth floor.
     let floor = th.min_total_growth_bytes / 4.0;
+    // The node's own total for a category caps what any one owner in it can claim.
+    let cap = |category: &str, bytes: u64| -> u64 {
+        end.memory.get(category).map_or(bytes, |c| bytes.min(*c))
+    };
     let mut out = Vec::new();
     for t in &end.tables {
         let before = start
@@ -526,50 +666,163 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
         let grew = t.memory as f64 - before as f64;
         if grew >= floor {
             out.push(Culprit {
-                kind: "ets_table".into(),
+                kind: CulpritKind::EtsTable,
                 name: t.name.clone(),
-                bytes: t.memory as i64,
+                bytes: cap("ets", t.memory) as i64,
                 growth_bytes_per_s: grew / dt,
                 detail: Some(format!("{} objects, owner {}", t.size, t.owner_display())),
             });
         }
     }
-    let proc_before = |c: &Census, pid: &str| c.processes.iter().find(|p| p.pid == pid).cloned();
     for p in &end.processes {
-        let before = proc_before(start, &p.pid);
-        let mem_grew = p.memory as f64 - before.as_ref().map_or(0.0, |b| b.memory as f64);
+        let before = start.processes.iter().find(|b| b.pid == p.pid);
+        let mem_grew = p.memory as f64 - before.map_or(0.0, |b| b.memory as f64);
         let queue_grew =
-            p.message_queue_len as i64 - before.as_ref().map_or(0, |b| b.message_queue_len as i64);
-        if mem_grew >= floor || (queue_grew > 1000 && mem_grew > 0.0) {
+            p.message_queue_len as i64 - before.map_or(0, |b| b.message_queue_len as i64);
+        let bin_now = cap("binary", p.binary_bytes.unwrap_or(0));
+        let bin_before = before
+            .and_then(|b| b.binary_bytes)
+            .map_or(0, |b| cap("binary", b));
+        let bin_grew = bin_now as f64 - bin_before as f64;
+        let binaries = p.binary_bytes.map(|_| {
+            let shared = p.binary_shared_bytes.unwrap_or(0).min(bin_now);
+            format!(
+                "{} of distinct refc binaries through {} references{}",
+                human_bytes(bin_now as f64),
+                p.binary_refs.unwrap_or(0),
+                if shared > 0 {
+                    format!(
+                        ", {} of it shared with other processes or tables",
+                        human_bytes(shared as f64)
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        });
+        let name = format!("{} {}", p.name, p.pid);
+        let queue = format!(
+            "message_queue_len {} ({:+}), in {}",
+            p.message_queue_len, queue_grew, p.current_function
+        );
+        if bin_grew >= floor && bin_grew >= mem_grew {
+            // Its figure is the distinct binaries it keeps alive, each counted once.
             out.push(Culprit {
-                kind: "process".into(),
-                name: format!("{} {}", p.name, p.pid),
-                bytes: p.memory as i64,
-                growth_bytes_per_s: mem_grew / dt,
+                kind: CulpritKind::BinaryHolder,
+                name,
+                bytes: bin_now as i64,
+                growth_bytes_per_s: bin_grew / dt,
                 detail: Some(format!(
-                    "message_queue_len {} ({:+}), in {}",
-                    p.message_queue_len, queue_grew, p.current_function
+                    "{}; its own heap {}, {queue}",
+                    binaries.unwrap_or_default(),
+                    human_bytes(p.memory as f64)
                 )),
             });
-        }
-        let bin_grew = p.binary_bytes.unwrap_or(0) as f64
-            - before.as_ref().and_then(|b| b.binary_bytes).unwrap_or(0) as f64;
-        if bin_grew >= floor {
+        } else if mem_grew >= floor || (queue_grew > 1000 && mem_grew > 0.0) {
+            let mut detail = queue;
+            if bin_grew >= floor
+                && let Some(b) = &binaries
+            {
+                detail.push_str("; also holds ");
+                detail.push_str(b);
+            }
             out.push(Culprit {
-                kind: "binary_holder".into(),
-                name: format!("{} {}", p.name, p.pid),
-                bytes: p.binary_bytes.unwrap_or(0) as i64,
-                growth_bytes_per_s: bin_grew / dt,
-                detail: Some("refc binaries referenced by the process (garbage-collect it or fix the holder)".into()),
+                kind: CulpritKind::Process,
+                name,
+                bytes: cap("processes", p.memory) as i64,
+                growth_bytes_per_s: mem_grew / dt,
+                detail: Some(detail),
             });
         }
     }
-    if end.atom_count > start.atom_count + 10_000 {
+    // Groups: many small processes that no single process culprit names. A group absent from
+    // the start census counts from zero only when that census listed every group.
+    let start_complete = start.groups.len() < crate::vm::query::GROUP_CAP;
+    for g in end.groups.iter().filter(|g| g.count > 1) {
+        let before = match start.group(&g.name) {
+            Some(b) => b.clone(),
+            None if start_complete && !start.groups.is_empty() => Default::default(),
+            None => continue,
+        };
+        let new = g.count as i64 - before.count as i64;
+        let mem_grew = g.memory as f64 - before.memory as f64;
+        if (new >= GROUP_MIN_NEW_PROCESSES as i64 && mem_grew > 0.0)
+            || (mem_grew >= floor && new > 0)
+        {
+            out.push(Culprit {
+                kind: CulpritKind::ProcessGroup,
+                name: g.name.clone(),
+                bytes: cap("processes", g.memory) as i64,
+                growth_bytes_per_s: mem_grew / dt,
+                detail: Some(format!(
+                    "{:+} processes ({} now, {} each on average), {} memory: processes started and never ending",
+                    new,
+                    g.count,
+                    human_bytes(g.memory as f64 / g.count.max(1) as f64),
+                    human_bytes(mem_grew)
+                )),
+            });
+        }
+    }
+    if let (Some(a), Some(b)) = (start.persistent_term, end.persistent_term) {
+        let grew = b.memory as f64 - a.memory as f64;
+        if grew >= floor {
+            out.push(Culprit {
+                kind: CulpritKind::PersistentTerm,
+                name: "persistent_term".into(),
+                bytes: b.memory as i64,
+                growth_bytes_per_s: grew / dt,
+                detail: Some(format!(
+                    "{} terms ({:+}); every put copies the term into literal_alloc and an erase or overwrite frees it only after a global GC",
+                    b.count,
+                    b.count as i64 - a.count as i64
+                )),
+            });
+        }
+    }
+    if let (Some(a), Some(b)) = (start.code, end.code) {
+        let new = b.modules as i64 - a.modules as i64;
+        let grew = b.memory.unwrap_or(0) as f64 - a.memory.unwrap_or(0) as f64;
+        if grew >= floor || new >= CODE_MIN_NEW_MODULES as i64 {
+            out.push(Culprit {
+                kind: CulpritKind::Code,
+                name: "loaded code".into(),
+                bytes: b.memory.unwrap_or(0) as i64,
+                growth_bytes_per_s: grew.max(0.0) / dt,
+                detail: Some(format!(
+                    "{} modules loaded ({new:+}): modules loaded and never purged",
+                    b.modules
+                )),
+            });
+        }
+    }
+    if let (Some(a), Some(b)) = (&start.ports, &end.ports) {
+        let grew = (b.memory + b.queue_size) as f64 - (a.memory + a.queue_size) as f64;
+        if grew >= floor {
+            let top = b.top.first();
+            out.push(Culprit {
+                kind: CulpritKind::Ports,
+                name: top.map_or("ports".into(), |p| format!("{} {}", p.name, p.id)),
+                bytes: (b.memory + b.queue_size) as i64,
+                growth_bytes_per_s: grew / dt,
+                detail: Some(format!(
+                    "{} ports ({:+}), {} in driver queues; largest owned by {}",
+                    b.count,
+                    b.count as i64 - a.count as i64,
+                    human_bytes(b.queue_size as f64),
+                    top.map_or("—", |p| p.owner.as_str())
+                )),
+            });
+        }
+    }
+    if end.atom_count > start.atom_count + ATOMS_MIN_NEW {
         out.push(Culprit {
-            kind: "atoms".into(),
+            kind: CulpritKind::Atoms,
             name: "atom table".into(),
-            bytes: 0,
-            growth_bytes_per_s: 0.0,
+            bytes: end.memory.get("atom").copied().unwrap_or(0) as i64,
+            growth_bytes_per_s: (end.memory.get("atom").copied().unwrap_or(0) as f64
+                - start.memory.get("atom").copied().unwrap_or(0) as f64)
+                / dt,
             detail: Some(format!(
                 "{} atoms of {} (+{} during the run): atoms are never freed",
                 end.atom_count,
@@ -577,6 +830,23 @@ fn erlang_culprits(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
                 end.atom_count - start.atom_count
             )),
         });
+    }
+    // Other system memory, only when nothing more precise was found.
+    if out.is_empty()
+        && let (Some(a), Some(b)) = (start.system_other(), end.system_other())
+    {
+        let grew = b as f64 - a as f64;
+        if grew >= floor {
+            out.push(Culprit {
+                kind: CulpritKind::System,
+                name: "system memory (not atoms, binaries, code or ETS)".into(),
+                bytes: b as i64,
+                growth_bytes_per_s: grew / dt,
+                detail: Some(
+                    "erlang:memory(system) minus its named parts: timers, distribution buffers, NIF and driver allocations, ERTS tables".into(),
+                ),
+            });
+        }
     }
     out.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
     out.truncate(5);
@@ -597,7 +867,7 @@ fn allocator_block_growth(vm: &VmEvidence, th: &Thresholds) -> Vec<Culprit> {
         .filter_map(|(name, pts)| {
             let g = growth(&pts, th)?;
             g.grows.then(|| Culprit {
-                kind: "allocator".into(),
+                kind: CulpritKind::Allocator,
                 name,
                 bytes: pts.last().map_or(0, |p| p.1 as i64),
                 growth_bytes_per_s: g.whole.slope_per_s,

@@ -63,7 +63,8 @@ fn fixtures() -> &'static Path {
                 .arg(&dir)
                 .arg(src.join("lt_nif.erl"))
                 .arg(src.join("lt_load.erl"))
-                .arg(src.join("lt_vm.erl")),
+                .arg(src.join("lt_vm.erl"))
+                .arg(src.join("lt_prod.erl")),
         );
         dir
     })
@@ -81,7 +82,13 @@ impl Node {
 
     /// A distributed node (`-sname`), reachable by the VM view with the default cookie file.
     fn distributed(name: &str, eval: &str) -> Node {
-        let node = Node::start_with(&["-sname", name], eval);
+        Node::registered(name, &["-sname", name], eval)
+    }
+
+    /// A node started with `extra` that registers `name` with epmd (by its flags or by
+    /// starting distribution itself); waits until epmd lists it.
+    fn registered(name: &str, extra: &[&str], eval: &str) -> Node {
+        let node = Node::start_with(extra, eval);
         // Distribution registers with epmd a moment after beam.smp starts.
         let deadline = Instant::now() + Duration::from_secs(20);
         while !Command::new("epmd")
@@ -697,4 +704,273 @@ fn vm_snapshot_names_allocators_processes_and_tables() {
     let out = leaktrace(&["vm", "--pid", &plain.pid().to_string()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("not distributed"), "{}", stderr(&out));
+}
+
+/// The culprits of a report (primary first) as (kind, name, bytes).
+fn culprits(report: &Value) -> Vec<(String, String, i64)> {
+    report["verdict"]["culprits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap().to_owned(),
+                c["name"].as_str().unwrap().to_owned(),
+                c["bytes"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Traces `node` for `duration` with the VM view and requires a live VM connection.
+fn traced_with_vm(node: &Node, duration: &str) -> (Output, Value) {
+    let (out, report) = attach_vm(node.pid(), duration, &[]);
+    assert_eq!(
+        report["sources"]["vm_connection"],
+        true,
+        "no VM view: {:#}\nstderr: {}",
+        report["source_notes"],
+        stderr(&out)
+    );
+    (out, report)
+}
+
+#[test]
+fn node_starting_distribution_itself_is_found_and_its_gen_server_named() {
+    if !privileged("node_starting_distribution_itself_is_found_and_its_gen_server_named") {
+        return;
+    }
+    let _s = serial();
+    // No -sname: the node calls net_kernel:start/2 itself. An unregistered gen_server keeps
+    // every cast it gets (~1 KiB, 3000 every 50 ms).
+    let node = Node::registered(
+        "lt_selfdist",
+        &[],
+        "lt_prod:distributed(lt_selfdist, {lt_prod, queue_backlog, [3000, 50]})",
+    );
+    thread::sleep(Duration::from_secs(1));
+    let (out, report) = traced_with_vm(&node, "8s");
+    let notes = report["source_notes"].to_string();
+    assert!(
+        notes.contains("lt_selfdist") && notes.contains("epmd"),
+        "how the node was found is not reported: {notes}"
+    );
+    assert_eq!(
+        report["vm"]["node"]
+            .as_str()
+            .map(|n| n.starts_with("lt_selfdist@")),
+        Some(true)
+    );
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let found = culprits(&report);
+    assert!(
+        found
+            .iter()
+            .any(|(kind, name, _)| kind == "process" && name.starts_with("lt_prod:init/1 <")),
+        "the gen_server is not named by its initial call: {found:?}"
+    );
+
+    // The one-shot snapshot finds it the same way and names the process alike.
+    let snap = leaktrace(&["vm", "--pid", &node.pid().to_string()]);
+    assert_eq!(snap.status.code(), Some(0), "{}", stderr(&snap));
+    let text = String::from_utf8_lossy(&snap.stdout);
+    assert!(text.contains("found by epmd"), "{text}");
+    assert!(text.contains("lt_prod:init/1"), "{text}");
+}
+
+#[test]
+fn node_named_in_an_args_file_is_found() {
+    if !privileged("node_named_in_an_args_file_is_found") {
+        return;
+    }
+    let _s = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let args = dir.path().join("vm.args");
+    fs::write(&args, "# as releases write it\n-sname lt_argsfile\n").unwrap();
+    let node = Node::registered(
+        "lt_argsfile",
+        &["-args_file", args.to_str().unwrap()],
+        "lt_vm:grow_table(4000, 50)",
+    );
+    thread::sleep(Duration::from_secs(1));
+    let (_, report) = traced_with_vm(&node, "6s");
+    assert_eq!(
+        report["vm"]["node"]
+            .as_str()
+            .map(|n| n.starts_with("lt_argsfile@")),
+        Some(true),
+        "{:#}",
+        report["vm"]["node"]
+    );
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
+}
+
+#[test]
+fn shared_binary_holder_claims_no_more_than_the_node_holds() {
+    if !privileged("shared_binary_holder_claims_no_more_than_the_node_holds") {
+        return;
+    }
+    let _s = serial();
+    // A gen_server receiving 500 sub-binaries of a new 2 MiB binary every 200 ms: 500
+    // references to each binary, about 10 MiB/s of distinct binaries.
+    let node = Node::distributed("lt_binhold", "lt_prod:binary_holder(2097152, 500, 200)");
+    thread::sleep(Duration::from_secs(1));
+    let (_, report) = traced_with_vm(&node, "8s");
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
+    let end = &report["vm"]["census_end"];
+    let binary_memory = end["memory"]["binary"].as_i64().unwrap();
+    let rss = report["samples"].as_array().unwrap().last().unwrap()["rss"]
+        .as_i64()
+        .unwrap();
+    let found = culprits(&report);
+    let holder = found
+        .iter()
+        .find(|(kind, name, _)| kind == "binary_holder" && name.starts_with("lt_prod:init/1"))
+        .unwrap_or_else(|| panic!("holder not named: {found:?}\n{:#}", report["verdict"]));
+    assert!(
+        holder.2 <= binary_memory && holder.2 <= rss,
+        "holder claims {} bytes; erlang:memory(binary) {binary_memory}, RSS {rss}",
+        holder.2
+    );
+    // It holds most of the node's binaries: the figure is not a small fraction either.
+    assert!(
+        holder.2 * 2 > binary_memory,
+        "{holder:?} vs {binary_memory}"
+    );
+    for c in report["verdict"]["culprits"].as_array().unwrap() {
+        let rate = c["growth_bytes_per_s"].as_f64().unwrap();
+        assert!(rate < 200.0 * 1024.0 * 1024.0, "impossible rate: {c:#}");
+    }
+}
+
+#[test]
+fn persistent_term_cache_is_vm_growth_naming_persistent_term() {
+    if !privileged("persistent_term_cache_is_vm_growth_naming_persistent_term") {
+        return;
+    }
+    let _s = serial();
+    // A new key every 10 ms, each a tuple of 4000 words (~32 KiB): ~3 MiB/s into literal_alloc.
+    let node = Node::distributed("lt_pterm", "lt_prod:persistent_cache(4000, 10)");
+    thread::sleep(Duration::from_secs(1));
+    let (out, report) = traced_with_vm(&node, "8s");
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let found = culprits(&report);
+    assert_eq!(
+        found.first().map(|c| c.0.as_str()),
+        Some("persistent_term"),
+        "{found:?}\n{:#}",
+        report["verdict"]
+    );
+}
+
+#[test]
+fn leaked_workers_are_vm_growth_naming_their_group() {
+    if !privileged("leaked_workers_are_vm_growth_naming_their_group") {
+        return;
+    }
+    let _s = serial();
+    // 500 proc_lib workers every 100 ms, none ever ending, none large.
+    let node = Node::distributed("lt_workers", "lt_prod:leak_workers(500, 100)");
+    thread::sleep(Duration::from_secs(1));
+    let (_, report) = traced_with_vm(&node, "8s");
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
+    let top = &report["verdict"]["culprits"][0];
+    assert_eq!(top["kind"], "process_group", "{:#}", report["verdict"]);
+    assert_eq!(top["name"], "lt_prod:worker_init/1", "{top:#}");
+    assert!(
+        top["detail"].as_str().unwrap().contains("processes"),
+        "{top:#}"
+    );
+}
+
+#[test]
+fn node_without_erts_allocators_is_judged_from_its_census() {
+    if !privileged("node_without_erts_allocators_is_judged_from_its_census") {
+        return;
+    }
+    let _s = serial();
+    // +Mea min: every allocation goes to malloc; erlang:memory/0 answers notsup.
+    let node = Node::registered(
+        "lt_meamin",
+        &["+Mea", "min", "-sname", "lt_meamin"],
+        "lt_vm:grow_table(4000, 50)",
+    );
+    thread::sleep(Duration::from_secs(1));
+    let (_, report) = traced_with_vm(&node, "8s");
+    let disabled = report["vm"]["disabled_allocators"].to_string();
+    assert!(disabled.contains("ets_alloc"), "{disabled}");
+    assert_eq!(
+        report["verdict"]["kind"], "vm_growth",
+        "{:#}",
+        report["verdict"]
+    );
+    let found = culprits(&report);
+    assert!(
+        found.iter().any(|(_, name, _)| name == "lt_growing"),
+        "{found:?}"
+    );
+    let notes = report["source_notes"].to_string();
+    assert!(notes.contains("without ERTS allocators"), "{notes}");
+}
+
+#[test]
+fn slow_rpc_never_stalls_the_trace() {
+    if !privileged("slow_rpc_never_stalls_the_trace") {
+        return;
+    }
+    let _s = serial();
+    // From 2 s after start, every scheduler spins at max priority for 4 s: rpc requests
+    // cannot run on the node.
+    let node = Node::distributed("lt_slow", "lt_prod:slow_rpc(2000, 4000, lt_slow_tab)");
+    let started = Instant::now();
+    let (out, report) = attach_vm(node.pid(), "10s", &[]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(14),
+        "a 10 s trace took {took:?}: stderr {}",
+        stderr(&out)
+    );
+    assert_eq!(report["end"], "duration");
+    assert_eq!(
+        report["sources"]["vm_connection"], true,
+        "{:#}",
+        report["source_notes"]
+    );
+    let gaps = report["vm"]["gaps"].as_array().unwrap();
+    assert!(!gaps.is_empty(), "no gaps reported: {:#}", report["vm"]);
+    // The view came back after the hog: late samples have VM figures.
+    let samples = report["samples"].as_array().unwrap();
+    let late_with_vm = samples
+        .iter()
+        .filter(|s| s["t_s"].as_f64().unwrap() > 7.5 && !s["vm_used"].is_null())
+        .count();
+    assert!(
+        late_with_vm > 0,
+        "no VM figures after the hog ended; gaps: {gaps:#?}"
+    );
+    // The ring buffer was drained on time all along.
+    assert_eq!(report["losses"]["events_lost"], 0);
+    assert!(samples.len() >= 15, "{} samples", samples.len());
 }

@@ -1,9 +1,13 @@
 //! `cargo xtask bench`: tracing overhead on a fixed BEAM workload. The same workload runs
 //! untraced and under `leaktrace run`, alternating round by round, and medians are compared.
+//! Then the VM view's own cost: one-shot censuses and a traced run against a node holding many
+//! idle processes, measured as the node's CPU time above its idle rate.
 use std::{
     fs,
     path::Path,
     process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -20,6 +24,9 @@ pub struct BenchArgs {
     /// Workload size: rounds of allocation churn inside each node run.
     #[arg(long, default_value_t = 1500)]
     work: u32,
+    /// Idle processes on the node whose VM view cost is measured (0 skips that section).
+    #[arg(long, default_value_t = 100_000)]
+    census_processes: u32,
 }
 
 /// One traced run's figures from its report.
@@ -87,7 +94,283 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "  events lost (total)    {:10}",
         traced.iter().map(|t| t.events_lost).sum::<u64>()
     );
+    if args.census_processes > 0 {
+        let cost = census_cost(&leaktrace, &dir, args.census_processes)
+            .context("measuring the VM view cost")?;
+        cost.print();
+    }
     Ok(())
+}
+
+/// Node name of the VM view cost section.
+const CENSUS_NODE: &str = "lt_bench_census";
+/// One-shot censuses measured (the median is printed).
+const CENSUS_RUNS: usize = 3;
+/// How long the node's idle CPU rate is measured.
+const IDLE_BASELINE: Duration = Duration::from_secs(10);
+/// Length of the traced run (at leaktrace's default interval).
+const TRACED_RUN: &str = "30s";
+
+/// What the VM view costs on a node with many processes (node CPU above its idle rate).
+struct CensusCost {
+    processes: u32,
+    /// Processes the first census counted.
+    counted: u64,
+    /// Node CPU seconds per second when nobody looks at it.
+    idle_rate: f64,
+    /// Medians over the one-shot censuses (ms): wall time seen by xtask, node CPU above idle,
+    /// and the census's own `limits.wall_ms`.
+    census_wall_ms: f64,
+    census_cpu_ms: f64,
+    census_reported_ms: f64,
+    /// The traced run: seconds, interval, node CPU above idle as a share of one scheduler.
+    traced_s: f64,
+    interval_s: f64,
+    traced_share: f64,
+    census_every_s: Option<f64>,
+    samples: usize,
+    samples_with_vm: usize,
+    gaps: usize,
+}
+
+impl CensusCost {
+    fn print(&self) {
+        println!("VM view cost (node with {} processes)", self.processes);
+        println!(
+            "  idle node: {:.2}% of one scheduler; the census counted {} processes",
+            self.idle_rate * 100.0,
+            self.counted
+        );
+        println!(
+            "  one census: wall {:.1} ms, node CPU {:.1} ms (census wall_ms {:.1}; medians of {CENSUS_RUNS})",
+            self.census_wall_ms, self.census_cpu_ms, self.census_reported_ms
+        );
+        let pct = self.traced_share * 100.0;
+        println!(
+            "  {:.0} s traced at {} s interval: node CPU {:.2}% of one scheduler (target < 1%: {}); census every {}; {} of {} samples with VM figures, {} gaps",
+            self.traced_s,
+            self.interval_s,
+            pct,
+            if pct < 1.0 { "met" } else { "NOT met" },
+            self.census_every_s
+                .map_or("— (not reported)".to_owned(), |s| format!("{s:.1} s")),
+            self.samples_with_vm,
+            self.samples,
+            self.gaps
+        );
+        println!(
+            "  VM view cost on the node: {pct:.2}% of one scheduler at the default interval (target < 1%: {})",
+            if pct < 1.0 { "met" } else { "NOT met" }
+        );
+    }
+}
+
+/// Starts a node with `processes` idle processes and measures what `leaktrace vm` and a traced
+/// run's VM view cost it.
+fn census_cost(leaktrace: &Path, dir: &Path, processes: u32) -> anyhow::Result<CensusCost> {
+    shell::step(&format!(
+        "bench: VM view cost on a node with {processes} idle processes"
+    ));
+    let node = fixtures::Node::start(fixtures::erl(
+        dir,
+        &["-sname", CENSUS_NODE],
+        &format!("lt_prod:idle_processes({processes})"),
+    ))
+    .context("starting the census node")?;
+    let pid = node.pid();
+    wait_registered(CENSUS_NODE)?;
+    wait_settled(pid)?;
+
+    // a. The idle rate, subtracted from every figure below.
+    let (c0, t0) = (cpu_s(pid)?, Instant::now());
+    thread::sleep(IDLE_BASELINE);
+    let idle_rate = (cpu_s(pid)? - c0) / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "    idle node: {:.3} CPU s over {:.0} s",
+        idle_rate * IDLE_BASELINE.as_secs_f64(),
+        IDLE_BASELINE.as_secs_f64()
+    );
+
+    // b. One-shot censuses.
+    let (mut walls, mut cpus, mut reported) = (Vec::new(), Vec::new(), Vec::new());
+    let mut counted = 0;
+    for run in 1..=CENSUS_RUNS {
+        let mut cmd = Command::new(leaktrace);
+        cmd.args(["vm", "--pid", &pid.to_string(), "--json"])
+            .stdin(Stdio::null());
+        let (c0, t0) = (cpu_s(pid)?, Instant::now());
+        let out = cmd
+            .output()
+            .with_context(|| format!("running `{}`", shell::show(&cmd)))?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = cpu_s(pid)? - c0 - idle_rate * wall;
+        if !out.status.success() {
+            bail!(
+                "`{}` failed ({}): {}",
+                shell::show(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing the output of `{}`", shell::show(&cmd)))?;
+        let census = &json["census"];
+        let wall_ms = census["limits"]["wall_ms"]
+            .as_f64()
+            .with_context(|| format!("`{}` gave no census.limits.wall_ms", shell::show(&cmd)))?;
+        if run == 1 {
+            counted = census["process_count"].as_u64().unwrap_or(0);
+            if counted < u64::from(processes) {
+                eprintln!(
+                    "    warning: the census counted {counted} processes, fewer than the {processes} spawned"
+                );
+            }
+        }
+        eprintln!(
+            "    census {run}: wall {:.1} ms, node CPU {:.1} ms, census wall_ms {wall_ms:.1}, {} processes",
+            wall * 1e3,
+            cpu * 1e3,
+            census["process_count"]
+        );
+        walls.push(wall * 1e3);
+        cpus.push(cpu * 1e3);
+        reported.push(wall_ms);
+    }
+
+    // c. A traced run at the default interval.
+    let mut cmd = Command::new(leaktrace);
+    cmd.args([
+        "attach",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        TRACED_RUN,
+        "--quiet",
+        "--json",
+    ])
+    .stdin(Stdio::null());
+    let (c0, t0) = (cpu_s(pid)?, Instant::now());
+    let out = cmd
+        .output()
+        .with_context(|| format!("running `{}`", shell::show(&cmd)))?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_s(pid)? - c0 - idle_rate * elapsed;
+    // Verdicts exit 0, 1 or 3; 2 is an error.
+    if out.status.code() == Some(2) || out.status.code().is_none() {
+        bail!(
+            "`{}` failed ({}): {}",
+            shell::show(&cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing the report of `{}`", shell::show(&cmd)))?;
+    let samples = report["samples"].as_array().map_or(&[][..], Vec::as_slice);
+    let vm = &report["vm"];
+    for gap in vm["gaps"].as_array().into_iter().flatten() {
+        eprintln!(
+            "    VM gap at {:.1} s: {}",
+            gap["t_s"].as_f64().unwrap_or(f64::NAN),
+            gap["reason"].as_str().unwrap_or("?")
+        );
+    }
+    drop(node);
+    Ok(CensusCost {
+        processes,
+        counted,
+        idle_rate,
+        census_wall_ms: median(walls.into_iter()),
+        census_cpu_ms: median(cpus.into_iter()),
+        census_reported_ms: median(reported.into_iter()),
+        traced_s: elapsed,
+        interval_s: report["interval_s"].as_f64().unwrap_or(f64::NAN),
+        traced_share: cpu / elapsed,
+        census_every_s: vm["census_every_s"].as_f64(),
+        samples: samples.len(),
+        samples_with_vm: samples.iter().filter(|s| !s["vm_used"].is_null()).count(),
+        gaps: vm["gaps"].as_array().map_or(0, Vec::len),
+    })
+}
+
+/// Waits until epmd lists `name`.
+fn wait_registered(name: &str) -> anyhow::Result<()> {
+    let needle = format!("name {name} ");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("epmd")
+            .arg("-names")
+            .stdin(Stdio::null())
+            .output()
+            .context("running `epmd -names`")?;
+        if String::from_utf8_lossy(&out.stdout).contains(&needle) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("node {name} did not register with epmd within 30 s (`epmd -names`)");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the node has spawned its processes: its CPU time stops rising for 2 s (rising
+/// by at most 1% of one scheduler over the last 2 s).
+fn wait_settled(pid: u32) -> anyhow::Result<()> {
+    const QUIET: Duration = Duration::from_secs(2);
+    let start = Instant::now();
+    let mut history: Vec<(Instant, f64)> = Vec::new();
+    loop {
+        let now = Instant::now();
+        history.push((now, cpu_s(pid)?));
+        if let Some(&(_, then)) = history.iter().rev().find(|(t, _)| now - *t >= QUIET) {
+            let (_, latest) = history[history.len() - 1];
+            if latest - then <= 0.01 * QUIET.as_secs_f64() {
+                eprintln!(
+                    "    node settled after {:.1} s ({:.2} CPU s)",
+                    start.elapsed().as_secs_f64(),
+                    latest
+                );
+                return Ok(());
+            }
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            bail!("the census node's CPU time was still rising after 180 s");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// CPU seconds (user + system) the process has used: fields 14 and 15 of /proc/PID/stat.
+fn cpu_s(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name (which may hold spaces) start with field 3, the state.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| t as f64)
+            .with_context(|| format!("field {i} of {path} is missing: {text:?}"))
+    };
+    Ok((tick(14)? + tick(15)?) / clock_ticks())
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100, the Linux default, when that fails).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|t: &f64| *t > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 fn eval(work: u32, out: &Path) -> String {

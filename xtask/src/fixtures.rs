@@ -42,7 +42,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     )?;
     let mut erlc = Command::new("erlc");
     erlc.arg("-o").arg(&out);
-    for module in ["lt_nif", "lt_load", "lt_vm", "lt_bench"] {
+    for module in ["lt_nif", "lt_load", "lt_vm", "lt_bench", "lt_prod"] {
         erlc.arg(src.join(format!("{module}.erl")));
     }
     shell::run(&mut erlc)?;

@@ -2,8 +2,11 @@
 
 pub mod client;
 pub mod discover;
-pub mod snapshot;
+pub mod epmd;
+pub mod parse;
+pub mod query;
+pub mod render;
+pub mod term;
+pub mod view;
 
 pub use client::{VmClient, VmError};
-pub mod render;
-pub mod view;

@@ -5,13 +5,17 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::vm::snapshot::{Census, VmSample};
+use crate::recording::{Census, VmSample};
 
 /// A snapshot as printed with `--json`.
 #[derive(Debug, Serialize)]
 pub struct Snapshot<'a> {
     /// Node.
     pub node: &'a str,
+    /// How the node was found.
+    pub found_by: &'a str,
+    /// ERTS allocators the node runs without.
+    pub disabled_allocators: &'a [String],
     /// Allocator figures and erlang:memory().
     pub allocators: &'a VmSample,
     /// Used / allocated.
@@ -33,18 +37,45 @@ pub fn usage(used: u64, allocated: u64) -> f64 {
     }
 }
 
+/// A name from the node, safe to print: control characters (terminal escapes) are shown as
+/// `\u{..}` escapes.
+pub fn clean(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// The snapshot as text tables.
-pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
+pub fn text(snap: &Snapshot<'_>) -> String {
+    let (s, c) = (snap.allocators, snap.census);
     let mut o = String::new();
     let (used, alloc) = (s.used(), s.allocated());
-    let _ = writeln!(o, "node {node}");
     let _ = writeln!(
         o,
-        "allocators: used {} of {} allocated (usage {:.0}%), erlang:memory(total) {}",
+        "node {} (found by {})",
+        clean(snap.node),
+        clean(snap.found_by)
+    );
+    if !snap.disabled_allocators.is_empty() {
+        let _ = writeln!(
+            o,
+            "the node runs without ERTS allocators {}: their memory comes from malloc and no carrier figure covers it",
+            snap.disabled_allocators.join(", ")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "allocators (literal_alloc included): used {} of {} allocated (usage {:.0}%), erlang:memory(total) {}",
         mib(used),
         mib(alloc),
         usage(used, alloc) * 100.0,
-        mib(s.memory.get("total").copied().unwrap_or(0))
+        s.memory.get("total").map_or("notsup".into(), |t| mib(*t))
     );
     let _ = writeln!(
         o,
@@ -69,14 +100,19 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
     for (k, v) in &s.memory {
         let _ = writeln!(o, "  {k:<16} {:>12}", mib(*v));
     }
+    let l = &c.limits;
     let _ = writeln!(
         o,
-        "\nprocesses: {} (top by memory, mailbox, binaries{})",
+        "\nprocesses: {} (top by memory, mailbox, binaries; {} examined, cap {}; binaries of {} processes, {} references{})",
         c.process_count,
+        l.processes_examined,
+        l.process_cap,
+        l.binary_processes_examined,
+        l.binary_refs_examined,
         if c.binaries_scanned {
             ""
         } else {
-            ": binaries not scanned, too many processes"
+            ", reference cap reached"
         }
     );
     let _ = writeln!(
@@ -89,11 +125,46 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
             o,
             "{:<14} {:<32} {:>12} {:>9} {:>12}  {}",
             p.pid,
-            p.name,
+            clean(&p.name),
             mib(p.memory),
             p.message_queue_len,
             p.binary_bytes.map_or("—".into(), mib),
-            p.current_function
+            clean(&p.current_function)
+        );
+    }
+    if let Some(b) = c.binary_distinct_bytes {
+        let _ = writeln!(
+            o,
+            "binaries: {} distinct refc binaries referenced by the examined processes, erlang:memory(binary) {}",
+            mib(b),
+            s.memory.get("binary").map_or("notsup".into(), |v| mib(*v))
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nprocess groups (by initial call): {}{}\n{:<44} {:>9} {:>12} {:>9}",
+        c.groups.len(),
+        if l.initial_calls_read < l.initial_calls_wrapped {
+            format!(
+                " (estimated: initial calls of {} of {} proc_lib processes read)",
+                l.initial_calls_read, l.initial_calls_wrapped
+            )
+        } else {
+            String::new()
+        },
+        "initial call",
+        "count",
+        "memory",
+        "queue"
+    );
+    for g in c.groups.iter().take(c.processes.len().max(5)) {
+        let _ = writeln!(
+            o,
+            "{:<44} {:>9} {:>12} {:>9}",
+            clean(&g.name),
+            g.count,
+            mib(g.memory),
+            g.message_queue_len
         );
     }
     let _ = writeln!(o, "\nets tables: {} (top by memory)", c.table_count);
@@ -106,11 +177,50 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
         let _ = writeln!(
             o,
             "{:<28} {:>12} {:>10}  {}",
-            t.name,
+            clean(&t.name),
             mib(t.memory),
             t.size,
-            t.owner_display()
+            clean(&t.owner_display())
         );
+    }
+    if let Some(p) = &c.persistent_term {
+        let _ = writeln!(o, "\npersistent_term: {} terms, {}", p.count, mib(p.memory));
+    }
+    if let Some(code) = &c.code {
+        let _ = writeln!(
+            o,
+            "loaded code: {} modules, {}",
+            code.modules,
+            code.memory.map_or("notsup".into(), mib)
+        );
+    }
+    if let Some(sys) = c.system_other() {
+        let _ = writeln!(
+            o,
+            "other system memory (erlang:memory(system) minus atoms, binaries, code, ETS): {}",
+            mib(sys)
+        );
+    }
+    if let Some(p) = &c.ports {
+        let _ = writeln!(
+            o,
+            "ports: {} ({} examined), memory {}, driver queues {}",
+            p.count,
+            c.limits.ports_examined,
+            mib(p.memory),
+            mib(p.queue_size)
+        );
+        for t in &p.top {
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<20} {:>12} {:>12}  owner {}",
+                t.id,
+                clean(&t.name),
+                mib(t.memory),
+                mib(t.queue_size),
+                clean(&t.owner)
+            );
+        }
     }
     let _ = writeln!(
         o,
@@ -130,5 +240,6 @@ pub fn text(node: &str, s: &VmSample, c: &Census) -> String {
             m.cached_segments
         );
     }
+    let _ = writeln!(o, "census took {:.0} ms", c.limits.wall_ms);
     o
 }

@@ -6,7 +6,11 @@ use std::{collections::BTreeMap, fs, path::Path};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-pub use crate::vm::snapshot::{AllocatorUsage, Census, ProcessEntry, TableEntry, VmSample};
+pub mod vm;
+pub use vm::{
+    AllocatorUsage, Census, CensusLimits, LoadedCode, MsegCache, PersistentTerms, PortEntry, Ports,
+    ProcessEntry, ProcessGroup, TableEntry, VmEvidence, VmGap, VmSample,
+};
 
 /// Version of the recording and report.json schema.
 pub const SCHEMA: u32 = 1;
@@ -45,19 +49,6 @@ pub struct Recording {
     /// The VM's own figures, when a distribution connection answered.
     #[serde(default)]
     pub vm: Option<VmEvidence>,
-}
-
-/// What the VM reported during the run (read-only BIFs over distribution).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct VmEvidence {
-    /// Node connected to.
-    pub node: String,
-    /// Allocator figures, one per sample that answered.
-    pub samples: Vec<VmSample>,
-    /// Erlang-level census at the start of the run.
-    pub census_start: Option<Census>,
-    /// Erlang-level census at the end of the run (None if the node was gone).
-    pub census_end: Option<Census>,
 }
 
 /// The traced process.

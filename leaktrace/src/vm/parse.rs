@@ -1,0 +1,589 @@
+//! Pure parsing of the node's replies into the recorded model, and the arithmetic done on them
+//! (binary deduplication, process groups). Tested on constructed terms; no I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use erl_dist::term::Term;
+
+use crate::{
+    recording::{AllocatorUsage, MsegCache, PersistentTerms, ProcessGroup},
+    vm::{
+        client::VmError,
+        term::{atom, list, map_value, prop, prop_value, tuple, uint},
+    },
+};
+
+pub(crate) fn shape(call: &str, reason: impl Into<String>) -> VmError {
+    VmError::Shape {
+        call: call.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses one `erlang:system_info({allocator_sizes, A})` reply.
+///
+/// OTP 23+: `{blocks, [{Owner, [{size, Cur, LastMax, Max}]}]}` per carrier kind (blocks of other
+/// allocators can sit in a carrier after migration: all are summed); before: `{blocks_size, Cur, ..}`.
+/// In `mbcs_pool`, `carriers_size` is a 2-tuple.
+pub fn parse_allocator_sizes(name: &str, reply: &Term) -> Result<Vec<AllocatorUsage>, VmError> {
+    let call = format!("erlang:system_info({{allocator_sizes, {name}}})");
+    let Some(instances) = list(reply) else {
+        // `false` for an allocator that is disabled.
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for inst in instances {
+        let t = tuple(inst).ok_or_else(|| shape(&call, "instance is not a tuple"))?;
+        if t.len() != 3 || atom(&t[0]) != Some("instance") {
+            return Err(shape(&call, "expected {instance, N, Props}"));
+        }
+        let number = uint(&t[1]).ok_or_else(|| shape(&call, "instance number"))? as u32;
+        let props = list(&t[2]).ok_or_else(|| shape(&call, "instance props"))?;
+        let mut usage = AllocatorUsage {
+            name: name.into(),
+            instance: number,
+            ..Default::default()
+        };
+        for kind in ["mbcs", "sbcs", "mbcs_pool"] {
+            let Some(items) = prop_value(props, kind).and_then(list) else {
+                continue;
+            };
+            let blocks = blocks_bytes(items);
+            let carriers = prop(items, "carriers_size")
+                .and_then(|t| t.get(1))
+                .and_then(uint)
+                .unwrap_or(0);
+            usage.blocks += blocks;
+            usage.carriers += carriers;
+            if kind == "mbcs_pool" {
+                usage.pool_carriers += carriers;
+            }
+        }
+        out.push(usage);
+    }
+    Ok(out)
+}
+
+fn blocks_bytes(items: &[Term]) -> u64 {
+    if let Some(size) = prop(items, "blocks_size")
+        .and_then(|t| t.get(1))
+        .and_then(uint)
+    {
+        return size;
+    }
+    let Some(owners) = prop_value(items, "blocks").and_then(list) else {
+        return 0;
+    };
+    owners
+        .iter()
+        .filter_map(|o| {
+            let t = tuple(o)?;
+            let stats = list(t.get(1)?)?;
+            prop(stats, "size").and_then(|s| s.get(1)).and_then(uint)
+        })
+        .sum()
+}
+
+/// A `{Name, GigaCalls, Calls}` counter.
+fn calls(items: &[Term], key: &str) -> u64 {
+    prop(items, key)
+        .filter(|t| t.len() == 3)
+        .and_then(|t| Some(uint(&t[1])? * 1_000_000_000 + uint(&t[2])?))
+        .unwrap_or(0)
+}
+
+/// Parses `erlang:system_info({allocator, mseg_alloc})`: per instance, `{memkind, [.., {status,
+/// [{cached_segments, N}, ..]}, {calls, [{mseg_alloc, G, N}, {mseg_create, G, N}, ..]}]}`.
+/// `None` when mseg_alloc is disabled or the reply has another shape.
+pub fn parse_mseg_cache(reply: &Term) -> Option<MsegCache> {
+    let mut out = MsegCache::default();
+    let mut seen = false;
+    for inst in list(reply)? {
+        let t = tuple(inst)?;
+        let props = list(t.get(2)?)?;
+        // OTP 18+ nests the counters in memkind; older releases had them at top level.
+        let scope = prop_value(props, "memkind").and_then(list).unwrap_or(props);
+        let Some(counters) = prop_value(scope, "calls").and_then(list) else {
+            continue;
+        };
+        seen = true;
+        out.alloc_calls += calls(counters, "mseg_alloc");
+        out.create_calls += calls(counters, "mseg_create");
+        if let Some(status) = prop_value(scope, "status").and_then(list) {
+            out.cached_segments += prop_value(status, "cached_segments")
+                .and_then(uint)
+                .unwrap_or(0);
+        }
+    }
+    seen.then_some(out)
+}
+
+/// Parses `erlang:memory()`.
+pub fn parse_memory(reply: &Term) -> Result<BTreeMap<String, u64>, VmError> {
+    let items = list(reply).ok_or_else(|| shape("erlang:memory/0", "not a list"))?;
+    Ok(items
+        .iter()
+        .filter_map(|i| {
+            let t = tuple(i)?;
+            Some((atom(t.first()?)?.to_owned(), uint(t.get(1)?)?))
+        })
+        .collect())
+}
+
+/// Allocators the node runs without: those of `alloc_util_allocators` missing from the
+/// features of `erlang:system_info(allocator)` (`{glibc, Vsn, Features, Settings}`). With
+/// `+Mea min` every allocator but temp_alloc and literal_alloc is disabled.
+pub fn disabled_allocators(alloc_util: &[String], allocator_info: &Term) -> Vec<String> {
+    let Some(features) = tuple(allocator_info).and_then(|t| t.get(2)).and_then(list) else {
+        return Vec::new();
+    };
+    let enabled: Vec<&str> = features.iter().filter_map(atom).collect();
+    alloc_util
+        .iter()
+        .filter(|a| !enabled.contains(&a.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// Parses `persistent_term:info()`: `#{count => N, memory => Bytes}`.
+pub fn parse_persistent_term(reply: &Term) -> Option<PersistentTerms> {
+    Some(PersistentTerms {
+        count: uint(map_value(reply, "count")?)?,
+        memory: uint(map_value(reply, "memory")?)?,
+    })
+}
+
+/// One reference to a refc binary from `process_info(P, binary)`: `{Id, Size, RefCount}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BinaryRef {
+    /// The binary's identity (its address on the node).
+    pub id: u64,
+    /// Bytes.
+    pub size: u64,
+    /// References to it node-wide (processes, tables, ports).
+    pub refc: u64,
+}
+
+/// Parses the `[{Id, Size, RefCount}]` of `process_info(P, binary)`.
+pub fn parse_binary_list(reply: &Term) -> Option<Vec<BinaryRef>> {
+    let items = list(reply)?;
+    Some(
+        items
+            .iter()
+            .filter_map(|b| {
+                let t = tuple(b)?;
+                Some(BinaryRef {
+                    id: uint(t.first()?)?,
+                    size: uint(t.get(1)?)?,
+                    refc: uint(t.get(2)?)?,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// What one process holds in refc binaries, each binary counted once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldBinaries {
+    /// Bytes of the distinct binaries referenced.
+    pub distinct_bytes: u64,
+    /// Of those, bytes of binaries also referenced from elsewhere.
+    pub shared_bytes: u64,
+    /// References held (one per sub-binary or copy received).
+    pub refs: u64,
+}
+
+/// Deduplicates binary references: per process by binary id (a process holding a thousand
+/// sub-binaries of one binary holds that binary's bytes once), and node-wide. A binary is
+/// shared when another examined process references it too, or when its reference count
+/// exceeds the references this process holds (tables, ports, unexamined processes).
+/// Returns the per-process figures and the distinct bytes over all processes.
+pub fn dedup_binaries(per_process: &[Option<Vec<BinaryRef>>]) -> (Vec<Option<HeldBinaries>>, u64) {
+    let mut holders: HashMap<u64, (u64, u32)> = HashMap::new();
+    // Per process: binary id -> (size, highest refc seen, references held).
+    type Own = HashMap<u64, (u64, u64, u64)>;
+    let own: Vec<Option<Own>> = per_process
+        .iter()
+        .map(|refs| {
+            let refs = refs.as_ref()?;
+            let mut m = Own::new();
+            for r in refs {
+                let e = m.entry(r.id).or_insert((r.size, r.refc, 0));
+                e.1 = e.1.max(r.refc);
+                e.2 += 1;
+            }
+            for (id, (size, _, _)) in &m {
+                holders.entry(*id).or_insert((*size, 0)).1 += 1;
+            }
+            Some(m)
+        })
+        .collect();
+    let total = holders.values().map(|(size, _)| size).sum();
+    let held = own
+        .into_iter()
+        .map(|m| {
+            let m = m?;
+            let mut h = HeldBinaries::default();
+            for (id, (size, refc, count)) in m {
+                h.distinct_bytes += size;
+                h.refs += count;
+                let others = holders.get(&id).is_some_and(|(_, n)| *n > 1);
+                if others || refc > count {
+                    h.shared_bytes += size;
+                }
+            }
+            Some(h)
+        })
+        .collect();
+    (held, total)
+}
+
+/// One examined process: what the census groups and ranks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessRow {
+    /// Index in the examined pid list.
+    pub index: usize,
+    /// Bytes.
+    pub memory: u64,
+    /// Messages waiting.
+    pub message_queue_len: u64,
+    /// Registered name, if any.
+    pub registered: Option<String>,
+    /// `initial_call` as `m:f/a`.
+    pub initial_call: String,
+}
+
+/// The spawn wrapper every gen_server, gen_statem and supervisor shows as its initial call.
+pub const PROC_LIB_INIT: &str = "proc_lib:init_p/5";
+
+/// Parses `process_info(P, [memory, message_queue_len, registered_name, initial_call])`;
+/// `None` for a process that died meanwhile (`undefined`).
+pub fn parse_process_row(index: usize, reply: &Term) -> Option<ProcessRow> {
+    let items = list(reply)?;
+    let registered = prop_value(items, "registered_name")
+        .and_then(atom)
+        .map(str::to_owned);
+    Some(ProcessRow {
+        index,
+        memory: prop_value(items, "memory").and_then(uint).unwrap_or(0),
+        message_queue_len: prop_value(items, "message_queue_len")
+            .and_then(uint)
+            .unwrap_or(0),
+        registered,
+        initial_call: prop_value(items, "initial_call")
+            .map(crate::vm::term::display)
+            .unwrap_or_default(),
+    })
+}
+
+/// How the proc_lib `'$initial_call'`s were read: all of them, or a sample.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Translated {
+    /// Examined-process index -> real initial call, for the processes read.
+    pub names: HashMap<usize, String>,
+    /// proc_lib processes not read (outside the sample): left out of the groups.
+    pub unread: std::collections::HashSet<usize>,
+    /// Each read proc_lib process stands for this many (1 when all were read).
+    pub weight: f64,
+}
+
+/// Groups processes by what they run: the proc_lib `'$initial_call'` when read, else
+/// `initial_call`. When only a sample of proc_lib processes was read, each read one counts for
+/// `weight` processes (counts and memory are estimates then). Largest groups (by count, then
+/// memory) first, at most `cap` groups.
+pub fn group_processes(
+    rows: &[ProcessRow],
+    translated: &Translated,
+    cap: usize,
+) -> Vec<ProcessGroup> {
+    let mut groups: BTreeMap<String, (f64, f64, f64)> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| !translated.unread.contains(&r.index))
+    {
+        let (name, w) = match translated.names.get(&r.index) {
+            Some(n) => (n.clone(), translated.weight.max(1.0)),
+            None => (r.initial_call.clone(), 1.0),
+        };
+        let g = groups.entry(name).or_default();
+        g.0 += w;
+        g.1 += w * r.memory as f64;
+        g.2 += w * r.message_queue_len as f64;
+    }
+    let mut out: Vec<ProcessGroup> = groups
+        .into_iter()
+        .map(|(name, (count, memory, queue))| ProcessGroup {
+            name,
+            count: count.round() as u64,
+            memory: memory.round() as u64,
+            message_queue_len: queue.round() as u64,
+        })
+        .collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then(b.memory.cmp(&a.memory)));
+    out.truncate(cap);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recording::VmSample;
+    use crate::vm::term::{display, small};
+    use erl_dist::term::{Atom, List, Tuple};
+
+    fn a(s: &str) -> Term {
+        Term::from(Atom::from(s))
+    }
+    fn l(v: Vec<Term>) -> Term {
+        Term::from(List::from(v))
+    }
+    fn t(v: Vec<Term>) -> Term {
+        Term::from(Tuple::from(v))
+    }
+
+    #[test]
+    fn parses_otp25_allocator_sizes_with_pool_and_migrated_blocks() {
+        // {instance,1,[{mbcs,[{blocks,[{ets_alloc,[{size,214368,..}]},{binary_alloc,[{size,100,..}]}]},
+        //   {carriers_size,589824,..}]}, {mbcs_pool,[{blocks,[{ets_alloc,[{size,5000,..}]}]},{carriers_size,1048576}]},
+        //   {sbcs,[{blocks,[]},{carriers_size,0,0,0}]}]}
+        let size = |v| l(vec![t(vec![a("size"), small(v), small(v), small(v)])]);
+        let reply = l(vec![
+            t(vec![
+                a("instance"),
+                small(0),
+                l(vec![t(vec![
+                    a("mbcs"),
+                    l(vec![
+                        t(vec![a("blocks"), l(vec![])]),
+                        t(vec![a("carriers_size"), small(0), small(0), small(0)]),
+                    ]),
+                ])]),
+            ]),
+            t(vec![
+                a("instance"),
+                small(1),
+                l(vec![
+                    t(vec![
+                        a("mbcs"),
+                        l(vec![
+                            t(vec![
+                                a("blocks"),
+                                l(vec![
+                                    t(vec![a("ets_alloc"), size(214368)]),
+                                    t(vec![a("binary_alloc"), size(100)]),
+                                ]),
+                            ]),
+                            t(vec![
+                                a("carriers_size"),
+                                small(589824),
+                                small(589824),
+                                small(589824),
+                            ]),
+                        ]),
+                    ]),
+                    t(vec![
+                        a("mbcs_pool"),
+                        l(vec![
+                            t(vec![
+                                a("blocks"),
+                                l(vec![t(vec![a("ets_alloc"), size(5000)])]),
+                            ]),
+                            t(vec![a("carriers_size"), small(1048576)]),
+                        ]),
+                    ]),
+                    t(vec![
+                        a("sbcs"),
+                        l(vec![
+                            t(vec![a("blocks"), l(vec![])]),
+                            t(vec![a("carriers_size"), small(0), small(0), small(0)]),
+                        ]),
+                    ]),
+                ]),
+            ]),
+        ]);
+        let usage = parse_allocator_sizes("ets_alloc", &reply).unwrap();
+        assert_eq!(usage.len(), 2);
+        assert_eq!(usage[1].blocks, 214368 + 100 + 5000);
+        assert_eq!(usage[1].carriers, 589824 + 1048576);
+        assert_eq!(usage[1].pool_carriers, 1048576);
+        let s = VmSample {
+            allocators: usage,
+            ..Default::default()
+        };
+        assert_eq!(s.used(), 219468);
+        assert_eq!(
+            s.by_allocator()["ets_alloc"].free(),
+            589824 + 1048576 - 219468
+        );
+    }
+
+    #[test]
+    fn parses_pre_otp23_blocks_size_and_disabled_allocators() {
+        let reply = l(vec![t(vec![
+            a("instance"),
+            small(0),
+            l(vec![t(vec![
+                a("mbcs"),
+                l(vec![
+                    t(vec![
+                        a("blocks_size"),
+                        small(4096),
+                        small(4096),
+                        small(4096),
+                    ]),
+                    t(vec![
+                        a("carriers_size"),
+                        small(65536),
+                        small(65536),
+                        small(65536),
+                    ]),
+                ]),
+            ])]),
+        ])]);
+        let usage = parse_allocator_sizes("std_alloc", &reply).unwrap();
+        assert_eq!((usage[0].blocks, usage[0].carriers), (4096, 65536));
+        assert!(parse_allocator_sizes("x", &a("false")).unwrap().is_empty());
+        assert!(parse_allocator_sizes("x", &l(vec![a("junk")])).is_err());
+    }
+
+    #[test]
+    fn parses_mseg_cache_counters_of_every_instance() {
+        let instance = |n: i32, alloc: i32, create: i32, cached: i32| {
+            t(vec![
+                a("instance"),
+                small(n),
+                l(vec![
+                    t(vec![a("version"), a("v")]),
+                    t(vec![
+                        a("memkind"),
+                        l(vec![
+                            t(vec![a("name"), a("all")]),
+                            t(vec![
+                                a("status"),
+                                l(vec![
+                                    t(vec![a("cached_segments"), small(cached)]),
+                                    t(vec![a("cache_hits"), small(alloc - create)]),
+                                ]),
+                            ]),
+                            t(vec![
+                                a("calls"),
+                                l(vec![
+                                    t(vec![a("mseg_alloc"), small(1), small(alloc)]),
+                                    t(vec![a("mseg_dealloc"), small(0), small(4)]),
+                                    t(vec![a("mseg_create"), small(0), small(create)]),
+                                ]),
+                            ]),
+                        ]),
+                    ]),
+                ]),
+            ])
+        };
+        let m = parse_mseg_cache(&l(vec![instance(0, 9, 7, 2), instance(1, 11, 6, 3)])).unwrap();
+        assert_eq!(m.alloc_calls, 2_000_000_020);
+        assert_eq!(m.create_calls, 13);
+        assert_eq!(m.cached_segments, 5);
+        let start = MsegCache {
+            alloc_calls: 2_000_000_000,
+            create_calls: 3,
+            cached_segments: 0,
+        };
+        assert_eq!(m.hit_rate_since(&start), Some(0.5));
+        assert_eq!(parse_mseg_cache(&a("false")), None);
+        assert_eq!(MsegCache::default().hit_rate(), None);
+    }
+
+    #[test]
+    fn parses_memory_and_displays_terms() {
+        let m = parse_memory(&l(vec![
+            t(vec![a("total"), small(1000)]),
+            t(vec![a("ets"), small(10)]),
+        ]))
+        .unwrap();
+        assert_eq!(m["total"], 1000);
+        assert_eq!(
+            display(&t(vec![a("gen_server"), a("loop"), small(7)])),
+            "gen_server:loop/7"
+        );
+    }
+
+    #[test]
+    fn binaries_are_counted_once_per_process_and_node() {
+        let r = |id, size, refc| BinaryRef { id, size, refc };
+        // Process 0 holds 1000 sub-binaries of one 1 MB binary and a private 10 kB one;
+        // process 1 holds the same 1 MB binary once.
+        let mut p0: Vec<BinaryRef> = (0..1000).map(|_| r(7, 1 << 20, 1001)).collect();
+        p0.push(r(9, 10_000, 1));
+        let p1 = vec![r(7, 1 << 20, 1001)];
+        let (held, total) = dedup_binaries(&[Some(p0), Some(p1), None]);
+        let h0 = held[0].unwrap();
+        assert_eq!(h0.distinct_bytes, (1 << 20) + 10_000);
+        assert_eq!(h0.shared_bytes, 1 << 20);
+        assert_eq!(h0.refs, 1001);
+        assert_eq!(held[1].unwrap().distinct_bytes, 1 << 20);
+        assert_eq!(held[2], None);
+        assert_eq!(total, (1 << 20) + 10_000);
+    }
+
+    #[test]
+    fn processes_group_by_their_real_initial_call() {
+        let row = |index, memory, ic: &str| ProcessRow {
+            index,
+            memory,
+            message_queue_len: 0,
+            registered: None,
+            initial_call: ic.into(),
+        };
+        let rows = vec![
+            row(0, 100, PROC_LIB_INIT),
+            row(1, 100, PROC_LIB_INIT),
+            row(2, 100, PROC_LIB_INIT),
+            row(3, 5000, "erlang:apply/2"),
+        ];
+        let all = Translated {
+            names: [
+                (0, "my_worker:init/1".to_string()),
+                (1, "my_worker:init/1".to_string()),
+                (2, "my_queue:init/1".to_string()),
+            ]
+            .into(),
+            unread: Default::default(),
+            weight: 1.0,
+        };
+        let g = group_processes(&rows, &all, 10);
+        assert_eq!(g[0].name, "my_worker:init/1");
+        assert_eq!((g[0].count, g[0].memory), (2, 200));
+        assert_eq!(g.len(), 3);
+        assert_eq!(group_processes(&rows, &all, 1).len(), 1);
+        // A sample of one proc_lib process in three stands for all three.
+        let sampled = Translated {
+            names: [(0, "my_worker:init/1".to_string())].into(),
+            unread: [1, 2].into(),
+            weight: 3.0,
+        };
+        let g = group_processes(&rows, &sampled, 10);
+        assert_eq!(g[0].name, "my_worker:init/1");
+        assert_eq!((g[0].count, g[0].memory), (3, 300));
+    }
+
+    #[test]
+    fn disabled_allocators_and_persistent_terms() {
+        let aua: Vec<String> = ["ets_alloc", "temp_alloc", "literal_alloc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let info = t(vec![
+            a("glibc"),
+            l(vec![]),
+            l(vec![a("sys_alloc"), a("temp_alloc"), a("literal_alloc")]),
+            l(vec![]),
+        ]);
+        assert_eq!(disabled_allocators(&aua, &info), vec!["ets_alloc"]);
+        assert!(disabled_allocators(&aua, &a("junk")).is_empty());
+        let mut m = std::collections::HashMap::new();
+        m.insert(a("count"), small(3));
+        m.insert(a("memory"), small(4096));
+        let pt = parse_persistent_term(&Term::from(erl_dist::term::Map::from(m))).unwrap();
+        assert_eq!((pt.count, pt.memory), (3, 4096));
+        assert_eq!(parse_persistent_term(&a("x")), None);
+    }
+}
