@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::Error,
-    recording::{Recording, Sample},
+    recording::{Census, Recording, Sample},
     units::human_bytes,
     verdict::{Verdict, judge},
 };
@@ -143,20 +143,108 @@ fn shown(samples: &[Sample]) -> Vec<&Sample> {
         .collect()
 }
 
+/// A name from the node or a recording, safe in a markdown table: no control characters,
+/// no table or markup breakers.
+fn md(name: &str) -> String {
+    crate::vm::render::clean(name)
+        .replace('|', "\\|")
+        .replace('`', "'")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The census at the end, against the start where it helps.
+fn census_markdown(o: &mut String, c: &Census, start: Option<&Census>) {
+    let l = &c.limits;
+    let _ = writeln!(
+        o,
+        "\n### Census at {:.0} s\n\n{} processes ({} examined, cap {}; binaries of {} processes, {} references{}), {} ETS tables, {} of {} atoms; census took {:.0} ms.",
+        c.t_s,
+        c.process_count,
+        l.processes_examined,
+        l.process_cap,
+        l.binary_processes_examined,
+        l.binary_refs_examined,
+        if c.binaries_scanned {
+            ""
+        } else {
+            ", reference cap reached"
+        },
+        c.table_count,
+        c.atom_count,
+        c.atom_limit,
+        l.wall_ms
+    );
+    let mut parts = Vec::new();
+    if let Some(b) = c.binary_distinct_bytes {
+        parts.push(format!("distinct refc binaries {}", human_bytes(b as f64)));
+    }
+    if let Some(p) = c.persistent_term {
+        parts.push(format!(
+            "persistent_term {} terms, {}",
+            p.count,
+            human_bytes(p.memory as f64)
+        ));
+    }
+    if let Some(code) = c.code {
+        parts.push(format!("{} modules loaded", code.modules));
+    }
+    if let Some(p) = &c.ports {
+        parts.push(format!(
+            "{} ports, {} in driver queues",
+            p.count,
+            human_bytes(p.queue_size as f64)
+        ));
+    }
+    if let Some(sys) = c.system_other() {
+        parts.push(format!("other system memory {}", human_bytes(sys as f64)));
+    }
+    if !parts.is_empty() {
+        let _ = writeln!(o, "\n{}.", parts.join("; "));
+    }
+    if !c.groups.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n| process group (initial call) | count | change | memory |\n|---|---:|---:|---:|"
+        );
+        for g in c.groups.iter().take(8) {
+            let before = start.and_then(|s| s.group(&g.name)).map_or(0, |b| b.count);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:+} | {} |",
+                md(&g.name),
+                g.count,
+                g.count as i64 - before as i64,
+                human_bytes(g.memory as f64)
+            );
+        }
+    }
+}
+
 /// report.md text.
 pub fn to_markdown(report: &Report) -> String {
     let r = &report.recording;
     let v = &report.verdict;
     let mut o = String::new();
     let _ = writeln!(o, "# leaktrace report: {}\n", v.kind.as_str());
-    let _ = writeln!(o, "**{}**\n", v.summary);
+    let _ = writeln!(o, "**{}**\n", md(&v.summary));
+    let node = match &r.vm {
+        Some(vm) if !vm.node.is_empty() => format!(
+            "{} (connected; found by {})",
+            md(&vm.node),
+            md(&vm.found_by)
+        ),
+        _ => match &r.target.node {
+            Some(n) => format!("{} (no VM connection)", md(n)),
+            None => "not connected (see Sources)".into(),
+        },
+    };
     let _ = writeln!(
         o,
-        "- target: PID {} `{}`, OTP {}, node {}",
+        "- target: PID {} `{}`, OTP {}, node {node}",
         r.target.pid,
         r.target.exe,
         r.target.otp_release.as_deref().unwrap_or("unknown"),
-        r.target.node.as_deref().unwrap_or("not distributed")
     );
     let _ = writeln!(
         o,
@@ -174,10 +262,10 @@ pub fn to_markdown(report: &Report) -> String {
                 o,
                 "| {} | {} | {} | {}/s | {} |",
                 c.kind,
-                c.name,
+                md(&c.name),
                 human_bytes(c.bytes as f64),
                 human_bytes(c.growth_bytes_per_s),
-                c.detail.as_deref().unwrap_or("")
+                md(c.detail.as_deref().unwrap_or(""))
             );
         }
         o.push('\n');
@@ -198,7 +286,7 @@ pub fn to_markdown(report: &Report) -> String {
     }
     let _ = writeln!(o, "## Ruled out\n");
     for x in &v.ruled_out {
-        let _ = writeln!(o, "- **{}**: {}", x.kind.as_str(), x.reason);
+        let _ = writeln!(o, "- **{}**: {}", x.kind.as_str(), md(&x.reason));
     }
     let _ = writeln!(
         o,
@@ -280,10 +368,15 @@ pub fn to_markdown(report: &Report) -> String {
             );
         }
         if let Some(c) = &vm.census_end {
+            census_markdown(&mut o, c, vm.census_start.as_ref());
+        }
+        if !vm.gaps.is_empty() {
             let _ = writeln!(
                 o,
-                "\n{} processes, {} ETS tables, {} of {} atoms at the end.",
-                c.process_count, c.table_count, c.atom_count, c.atom_limit
+                "\n{} samples without VM figures (first at {:.1} s: {}).",
+                vm.gaps.len(),
+                vm.gaps[0].t_s,
+                md(&vm.gaps[0].reason)
             );
         }
     }
@@ -347,18 +440,19 @@ pub fn to_markdown(report: &Report) -> String {
 /// The few lines printed at the end of a run.
 pub fn terminal_summary(report: &Report) -> String {
     let v = &report.verdict;
-    let mut o = format!("verdict: {} — {}", v.kind.as_str(), v.summary);
+    let clean = crate::vm::render::clean;
+    let mut o = format!("verdict: {} — {}", v.kind.as_str(), clean(&v.summary));
     for c in v.culprits.iter().take(5) {
         let _ = write!(
             o,
             "\n  culprit: {} {} — {} (growing {}/s){}",
             c.kind,
-            c.name,
+            clean(&c.name),
             human_bytes(c.bytes as f64),
             human_bytes(c.growth_bytes_per_s),
             c.detail
                 .as_deref()
-                .map(|d| format!("; {d}"))
+                .map(|d| format!("; {}", clean(d)))
                 .unwrap_or_default()
         );
     }

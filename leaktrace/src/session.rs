@@ -38,7 +38,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How long the end of a run waits for the node's closing census: after `--duration`, and
 /// after Ctrl-C or SIGTERM (which must end the run within a second).
 const CLOSING_CENSUS_WAIT: Duration = Duration::from_secs(10);
-const CLOSING_CENSUS_WAIT_MIN: Duration = Duration::from_secs(2);
+const CLOSING_CENSUS_WAIT_MIN: Duration = Duration::from_secs(3);
 const CLOSING_CENSUS_WAIT_INTERRUPTED: Duration = Duration::from_millis(600);
 
 /// A traced process and what is known of its image.

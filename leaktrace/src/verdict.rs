@@ -498,7 +498,13 @@ fn vm_findings(
         };
         let who = culprits
             .first()
-            .map(|c| format!(": {} {}", c.kind.as_str().replace('_', " "), c.name))
+            .map(|c| {
+                if c.name == c.kind.as_str() {
+                    format!(": {}", c.name)
+                } else {
+                    format!(": {} {}", c.kind.as_str().replace('_', " "), c.name)
+                }
+            })
             .unwrap_or_default();
         let (strength, summary) = if census_grows {
             (
@@ -976,6 +982,45 @@ mod tests {
         let v = judge(&rec);
         assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
         assert!(v.summary.contains("VM view"), "{}", v.summary);
+    }
+
+    #[test]
+    fn growth_outside_carriers_is_no_native_leak_when_the_vm_lives_there_too() {
+        let mut rec = healthy();
+        grow(&mut rec, 10.0 * MIB, 0.0, 0.0);
+        rec.vm.as_mut().unwrap().disabled_allocators = vec!["ets_alloc".into()];
+        for s in &mut rec.samples {
+            (s.vm_used, s.vm_allocated) = (None, None);
+        }
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
+        assert!(
+            v.summary.contains("without ERTS allocators"),
+            "{}",
+            v.summary
+        );
+        assert!(
+            v.ruled_out
+                .iter()
+                .any(|r| r.kind == VerdictKind::NativeLeak && r.reason.contains("ets_alloc"))
+        );
+    }
+
+    #[test]
+    fn inconclusive_summary_agrees_with_its_figures() {
+        // RSS and the probes' carriers grow together while the VM's figures stay flat (carriers
+        // the VM does not report): the summary must say carriers account for it.
+        let mut rec = healthy();
+        for s in &mut rec.samples {
+            let add = (10.0 * MIB * s.t_s) as u64;
+            s.rss = s.rss.map(|x| x + add);
+            s.rss_anon = s.rss_anon.map(|x| x + add);
+            s.carriers = s.carriers.map(|c| c + add as i64);
+        }
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
+        assert!(v.summary.contains("ERTS carriers grow"), "{}", v.summary);
+        assert!(v.summary.contains("name no owner"), "{}", v.summary);
     }
 
     #[test]

@@ -742,11 +742,11 @@ fn node_starting_distribution_itself_is_found_and_its_gen_server_named() {
     }
     let _s = serial();
     // No -sname: the node calls net_kernel:start/2 itself. An unregistered gen_server keeps
-    // every cast it gets (~1 KiB, 3000 every 50 ms).
+    // every cast it gets (~1 KiB, 1000 every 100 ms).
     let node = Node::registered(
         "lt_selfdist",
         &[],
-        "lt_prod:distributed(lt_selfdist, {lt_prod, queue_backlog, [3000, 50]})",
+        "lt_prod:distributed(lt_selfdist, {lt_prod, queue_backlog, [1000, 100]})",
     );
     thread::sleep(Duration::from_secs(1));
     let (out, report) = traced_with_vm(&node, "8s");

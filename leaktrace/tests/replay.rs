@@ -111,6 +111,69 @@ fn growing_table_recording_is_vm_growth_naming_the_table() {
     );
 }
 
+/// The primary culprit's kind and name.
+fn top_culprit(r: &Value) -> (String, String) {
+    let c = &r["verdict"]["culprits"][0];
+    (
+        c["kind"].as_str().unwrap_or_default().to_owned(),
+        c["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn persistent_term_cache_recording_names_persistent_term() {
+    let (code, r) = judged("persistent_term_cache.json", &[]);
+    assert_eq!((kind(&r), code), ("vm_growth", 1), "{:#}", r["verdict"]);
+    assert_eq!(top_culprit(&r).0, "persistent_term", "{:#}", r["verdict"]);
+}
+
+#[test]
+fn leaked_workers_recording_names_the_process_group() {
+    let (_, r) = judged("leaked_workers.json", &[]);
+    assert_eq!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    assert_eq!(
+        top_culprit(&r),
+        ("process_group".into(), "lt_prod:worker_init/1".into()),
+        "{:#}",
+        r["verdict"]
+    );
+}
+
+#[test]
+fn binary_holder_recording_claims_no_more_than_the_node_holds() {
+    let (_, r) = judged("binary_holder.json", &[]);
+    assert_eq!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    let (kind_, name) = top_culprit(&r);
+    assert_eq!(kind_, "binary_holder");
+    assert!(name.starts_with("lt_prod:init/1 <"), "{name}");
+    let bytes = r["verdict"]["culprits"][0]["bytes"].as_i64().unwrap();
+    let binary = r["vm"]["census_end"]["memory"]["binary"].as_i64().unwrap();
+    assert!(
+        bytes <= binary,
+        "holder {bytes} > erlang:memory(binary) {binary}"
+    );
+}
+
+#[test]
+fn node_without_allocators_recording_is_judged_from_the_census() {
+    let (_, r) = judged("meamin_ets.json", &[]);
+    assert_eq!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    assert_eq!(top_culprit(&r), ("ets_table".into(), "lt_growing".into()));
+    let native = r["verdict"]["ruled_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["kind"] == "native_leak")
+        .expect("native_leak ruled out");
+    assert!(
+        native["reason"]
+            .as_str()
+            .unwrap()
+            .contains("without ERTS allocators"),
+        "{native:#}"
+    );
+}
+
 #[test]
 fn carrier_growth_without_the_vm_view_is_inconclusive_and_says_why() {
     let (code, r) = judged("carriers_no_vm.json", &[]);
