@@ -133,6 +133,15 @@ pub mod counter {
     pub const PROBE_ERRORS: u32 = 2;
     /// A return probe fired without a matching entry (missed entry or map full).
     pub const MISSED_ENTRY: u32 = 3;
+    /// A native free (free, munmap, realloc's old pointer) of a pointer not seen allocated:
+    /// allocated before attach, or not tracked.
+    pub const NATIVE_UNKNOWN_FREES: u32 = 4;
+    /// The outstanding-allocation map was full: an allocation was not tracked.
+    pub const NATIVE_OUTSTANDING_FULL: u32 = 5;
+    /// The allocation-site map was full: an allocation was not tracked.
+    pub const NATIVE_SITES_FULL: u32 = 6;
+    /// An entry whose thread still had a pending call older than a second (a return never seen).
+    pub const NATIVE_STALE_PENDING: u32 = 7;
     /// First probe hit counter; probe `p` counts at `HITS_BASE + p`.
     pub const HITS_BASE: u32 = 8;
     /// Size of the counter array.
@@ -181,11 +190,98 @@ pub mod probe_id {
     pub const LITERAL_REALLOC: u32 = 18;
     /// erts_alcu_mmapper_mseg_realloc return
     pub const LITERAL_REALLOC_RET: u32 = 19;
+    /// malloc, valloc, pvalloc entry
+    pub const MALLOC: u32 = 20;
+    /// malloc family return
+    pub const MALLOC_RET: u32 = 21;
+    /// calloc entry
+    pub const CALLOC: u32 = 22;
+    /// calloc return
+    pub const CALLOC_RET: u32 = 23;
+    /// realloc entry
+    pub const REALLOC: u32 = 24;
+    /// realloc return
+    pub const REALLOC_RET: u32 = 25;
+    /// aligned_alloc, memalign entry
+    pub const MEMALIGN: u32 = 26;
+    /// aligned_alloc, memalign return
+    pub const MEMALIGN_RET: u32 = 27;
+    /// posix_memalign entry
+    pub const POSIX_MEMALIGN: u32 = 28;
+    /// posix_memalign return
+    pub const POSIX_MEMALIGN_RET: u32 = 29;
+    /// free (past its NULL test)
+    pub const FREE: u32 = 30;
+    /// libc mmap entry (anonymous mappings only are tracked)
+    pub const MMAP_ANON: u32 = 31;
+    /// libc mmap return
+    pub const MMAP_ANON_RET: u32 = 32;
+    /// libc munmap
+    pub const MUNMAP_ANON: u32 = 33;
     /// Number of probe ids.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 34;
+}
+
+const _: () = assert!(counter::HITS_BASE + probe_id::COUNT <= counter::LEN);
+
+/// A native allocation call in flight on one thread, saved by its entry probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NativePending {
+    /// Entry probe id ([`probe_id`]) of the outermost allocation call on the thread.
+    pub probe: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Bytes asked for.
+    pub size: u64,
+    /// Return address of the call: the caller's code.
+    pub site: u64,
+    /// realloc: the old pointer; posix_memalign: where the pointer is written.
+    pub ptr: u64,
+    /// `bpf_ktime_get_ns()` at entry.
+    pub ts_ns: u64,
+}
+
+/// A native allocation not yet freed, keyed by its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NativeOutstanding {
+    /// Bytes.
+    pub size: u64,
+    /// Return address of the allocating call.
+    pub site: u64,
+    /// `bpf_ktime_get_ns()` at allocation.
+    pub ts_ns: u64,
+}
+
+/// Totals of one allocation site (a return address), updated in the kernel: userspace reads a
+/// few hundred of these per interval instead of an event per call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NativeSite {
+    /// Allocations made there since attach.
+    pub allocations: u64,
+    /// Of those, freed.
+    pub frees: u64,
+    /// Bytes allocated.
+    pub bytes_allocated: u64,
+    /// Bytes freed (of allocations made there).
+    pub bytes_freed: u64,
+}
+
+/// Sizes of the native maps: a bound on what the kernel side holds whatever the target does.
+pub mod native_limits {
+    /// Outstanding allocations tracked at once (about 48 MiB of kernel memory at most).
+    pub const OUTSTANDING: u32 = 1 << 19;
+    /// Allocation sites.
+    pub const SITES: u32 = 1 << 16;
+    /// Threads with a call in flight.
+    pub const PENDING: u32 = 1 << 14;
 }
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for CarrierEvent {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PendingCall {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NativeSite {}

@@ -4,6 +4,7 @@
 
 mod carrier;
 mod maps;
+mod native;
 
 #[cfg(not(test))]
 #[panic_handler]

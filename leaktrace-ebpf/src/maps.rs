@@ -2,9 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use leaktrace_common::{PendingCall, counter};
+use leaktrace_common::{
+    NativeOutstanding, NativePending, NativeSite, PendingCall, counter, native_limits,
+};
 
 /// Carrier events to userspace. Carrier calls are rare (hundreds a second on a busy node),
 /// so 1 MiB holds seconds of backlog.
@@ -14,6 +16,22 @@ pub static CARRIER_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Arguments saved by entry probes for their return probes, keyed by `pending_key(tid, probe)`.
 #[map]
 pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
+
+/// Native calls in flight, one per thread (the outermost).
+#[map]
+pub static NATIVE_PENDING: HashMap<u32, NativePending> =
+    HashMap::with_max_entries(native_limits::PENDING, 0);
+
+/// Native allocations not yet freed, by address.
+#[map]
+pub static NATIVE_OUTSTANDING: HashMap<u64, NativeOutstanding> =
+    HashMap::with_max_entries(native_limits::OUTSTANDING, 0);
+
+/// Totals per allocation site (return address), per CPU (a free on another CPU than its
+/// allocation adds to that CPU's copy; userspace sums them), read by userspace each interval.
+#[map]
+pub static NATIVE_SITES: PerCpuHashMap<u64, NativeSite> =
+    PerCpuHashMap::with_max_entries(native_limits::SITES, 0);
 
 /// Per-CPU counters: losses, errors and probe hits (indices in `leaktrace_common::counter`).
 #[map]

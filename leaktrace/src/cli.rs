@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Launch, ReportConfig, ThresholdOverrides, TraceConfig, VmAccess},
+    config::{Launch, NativeMode, ReportConfig, ThresholdOverrides, TraceConfig, VmAccess},
     error::Error,
     recording::Thresholds,
     vm::discover::Cookie,
@@ -93,6 +93,10 @@ pub struct TraceArgs {
     /// Do not connect to the VM: OS and probe evidence only.
     #[arg(long)]
     pub no_vm: bool,
+    /// Native attribution (libc malloc family of the target): `auto` attaches it when memory
+    /// outside ERTS carriers grows, `on` from the start, `off` never.
+    #[arg(long, value_enum, default_value_t = NativeMode::Auto)]
+    pub native: NativeMode,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -208,6 +212,7 @@ impl TraceArgs {
             thresholds: self.thresholds.overrides()?.apply(Thresholds::default()),
             progress: !self.quiet,
             vm: (!self.no_vm).then(|| self.vm.access()),
+            native: self.native,
         })
     }
 }

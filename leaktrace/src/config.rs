@@ -23,6 +23,20 @@ pub struct TraceConfig {
     pub progress: bool,
     /// How to reach the VM (None: `--no-vm`).
     pub vm: Option<VmAccess>,
+    /// When to attach the native probes.
+    pub native: NativeMode,
+}
+
+/// When the native probes (the target's libc malloc family) attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeMode {
+    /// When memory outside ERTS carriers grows (their cost is paid only when it can matter).
+    #[default]
+    Auto,
+    /// From the start.
+    On,
+    /// Never.
+    Off,
 }
 
 /// How to reach the target node over distribution.

@@ -12,6 +12,8 @@ pub mod image;
 pub mod launch;
 pub mod ledger;
 pub mod lock;
+pub mod native;
+pub mod placement;
 pub mod privilege;
 pub mod probes;
 pub mod progress;

@@ -66,6 +66,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 thresholds: recording.thresholds,
                 progress: false,
                 vm: None,
+                native: Default::default(),
             };
             emit(Report::new(recording), &cfg)
         }

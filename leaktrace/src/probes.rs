@@ -3,18 +3,22 @@
 //! Dropping a [`Tracer`] detaches every probe and unloads the programs, so no probe outlives
 //! leaktrace, whatever path it exits by.
 
-use std::{num::NonZeroU32, path::Path};
+use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::UProbeScope},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
 };
-use leaktrace_common::{CARRIER_EVENT_SIZE, CarrierEvent, counter, probe_id as P};
+use leaktrace_common::{CARRIER_EVENT_SIZE, CarrierEvent, NativeSite, counter, probe_id as P};
 
 use crate::{
     error::Error,
-    recording::{Losses, ProbeStat},
+    placement::{self, Skip},
+    recording::{Losses, NativeEvidence, ProbeStat},
     symbols::SymbolTable,
 };
 
@@ -140,6 +144,75 @@ pub const CARRIER_PROBES: &[ProbeSpec] = &[
     ),
 ];
 
+/// A native probe on the target's libc.
+#[derive(Clone, Copy, Debug)]
+pub struct NativeSpec {
+    /// Program name in the eBPF object.
+    pub program: &'static str,
+    /// Symbol in libc.
+    pub symbol: &'static str,
+    /// Id for its hit counter (shared by the symbols one program serves).
+    pub id: u32,
+    /// A return probe (placed at +0 by the kernel's return trampoline).
+    pub ret: bool,
+    /// What an entry probe may skip to land on an emulated instruction.
+    pub skip: Skip,
+}
+
+const fn native(program: &'static str, symbol: &'static str, id: u32, ret: bool) -> NativeSpec {
+    NativeSpec {
+        program,
+        symbol,
+        id,
+        ret,
+        skip: Skip::Nothing,
+    }
+}
+
+/// Native probes on libc, in attach order: return probes first (a return without its entry is
+/// ignored), then frees (a free of something allocated before is counted as unknown), then the
+/// entries. The same program serves symbols with the same arguments.
+pub const NATIVE_PROBES: &[NativeSpec] = &[
+    native("native_malloc_ret", "malloc", P::MALLOC_RET, true),
+    native("native_malloc_ret", "valloc", P::MALLOC_RET, true),
+    native("native_malloc_ret", "pvalloc", P::MALLOC_RET, true),
+    native("native_calloc_ret", "calloc", P::CALLOC_RET, true),
+    native("native_realloc_ret", "realloc", P::REALLOC_RET, true),
+    native(
+        "native_memalign_ret",
+        "aligned_alloc",
+        P::MEMALIGN_RET,
+        true,
+    ),
+    native("native_memalign_ret", "memalign", P::MEMALIGN_RET, true),
+    native(
+        "native_posix_memalign_ret",
+        "posix_memalign",
+        P::POSIX_MEMALIGN_RET,
+        true,
+    ),
+    native("native_mmap_ret", "mmap", P::MMAP_ANON_RET, true),
+    NativeSpec {
+        skip: Skip::NullTest,
+        ..native("native_free", "free", P::FREE, false)
+    },
+    native("native_munmap", "munmap", P::MUNMAP_ANON, false),
+    native("native_malloc", "malloc", P::MALLOC, false),
+    native("native_malloc", "valloc", P::MALLOC, false),
+    native("native_malloc", "pvalloc", P::MALLOC, false),
+    native("native_calloc", "calloc", P::CALLOC, false),
+    native("native_realloc", "realloc", P::REALLOC, false),
+    native("native_memalign", "aligned_alloc", P::MEMALIGN, false),
+    native("native_memalign", "memalign", P::MEMALIGN, false),
+    native(
+        "native_posix_memalign",
+        "posix_memalign",
+        P::POSIX_MEMALIGN,
+        false,
+    ),
+    native("native_mmap", "mmap", P::MMAP_ANON, false),
+];
+
 /// Symbols without which carrier tracing refuses to start.
 pub fn required_symbols(specs: &[ProbeSpec]) -> Vec<&'static str> {
     let mut symbols: Vec<&'static str> = specs
@@ -156,7 +229,9 @@ pub struct Tracer {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    native_sites: PerCpuHashMap<MapData, u64, NativeSite>,
     probes: Vec<(ProbeSpec, Result<(), String>)>,
+    placements: HashMap<(&'static str, &'static str), String>,
 }
 
 impl Tracer {
@@ -174,11 +249,18 @@ impl Tracer {
             .take_map("COUNTERS")
             .ok_or_else(|| Error::Load("map COUNTERS missing from the object".into()))?;
         let counters = PerCpuArray::try_from(counters).map_err(|e| Error::Load(e.to_string()))?;
+        let sites = ebpf
+            .take_map("NATIVE_SITES")
+            .ok_or_else(|| Error::Load("map NATIVE_SITES missing from the object".into()))?;
+        let native_sites =
+            PerCpuHashMap::try_from(sites).map_err(|e| Error::Load(e.to_string()))?;
         Ok(Tracer {
             ebpf,
             events,
             counters,
+            native_sites,
             probes: Vec::new(),
+            placements: HashMap::new(),
         })
     }
 
@@ -236,6 +318,134 @@ impl Tracer {
             .attach(spec.symbol, binary, UProbeScope::OneProcess(pid))
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Attaches the native probes to `libc` (a path the target maps, opened through
+    /// `/proc/PID/root`) for process `pid`. Each entry probe goes on the first emulated
+    /// instruction its arguments survive to; what was chosen is in the probe table. Fails only
+    /// when no allocation probe at all could attach.
+    pub fn attach_native(&mut self, libc: &Path, pid: u32) -> Result<(), String> {
+        let pid = NonZeroU32::new(pid).ok_or("PID 0")?;
+        let symbols =
+            SymbolTable::read(libc, &libc.display().to_string()).map_err(|e| e.to_string())?;
+        let mut seen: Vec<(&str, u64)> = Vec::new();
+        for spec in NATIVE_PROBES {
+            let stat = ProbeSpec {
+                program: spec.program,
+                symbol: spec.symbol,
+                id: spec.id,
+                required: false,
+            };
+            let Some((vaddr, _)) = symbols.get(spec.symbol) else {
+                self.probes.push((
+                    stat,
+                    Err(format!(
+                        "{} does not export {}",
+                        libc.display(),
+                        spec.symbol
+                    )),
+                ));
+                continue;
+            };
+            // aligned_alloc and memalign can be one function: one probe serves both.
+            if seen.contains(&(spec.program, vaddr)) {
+                continue;
+            }
+            seen.push((spec.program, vaddr));
+            let offset = if spec.ret {
+                0
+            } else {
+                match placement::for_symbol(libc, vaddr, spec.skip) {
+                    Ok(p) => {
+                        self.placements.insert(
+                            (spec.program, spec.symbol),
+                            format!(
+                                "+{} {} ({})",
+                                p.offset,
+                                p.instruction,
+                                if p.emulated {
+                                    "emulated"
+                                } else {
+                                    "single-stepped"
+                                }
+                            ),
+                        );
+                        p.offset
+                    }
+                    Err(e) => {
+                        log::debug!("placing {}: {e}", spec.symbol);
+                        0
+                    }
+                }
+            };
+            let outcome = self.attach_at(spec.program, spec.symbol, offset, libc, pid);
+            self.probes.push((stat, outcome));
+        }
+        let any = self.probes.iter().any(|(s, r)| {
+            r.is_ok() && (s.program == "native_malloc" || s.program == "native_calloc")
+        });
+        if any {
+            Ok(())
+        } else {
+            Err(format!(
+                "no allocation probe attached to {}",
+                libc.display()
+            ))
+        }
+    }
+
+    fn attach_at(
+        &mut self,
+        program: &str,
+        symbol: &str,
+        offset: u64,
+        binary: &Path,
+        pid: NonZeroU32,
+    ) -> Result<(), String> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("program {program} missing from the eBPF object"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| format!("{e:#}"))?;
+        }
+        let location = if offset == 0 {
+            UProbeAttachLocation::Symbol(symbol)
+        } else {
+            UProbeAttachLocation::SymbolOffset(symbol, offset)
+        };
+        program
+            .attach(location, binary, UProbeScope::OneProcess(pid))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// The kernel's per-site native totals, summed over CPUs.
+    pub fn native_sites(&self) -> Vec<(u64, NativeSite)> {
+        self.native_sites
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(site, per_cpu)| {
+                let mut t = NativeSite::default();
+                for v in per_cpu.iter() {
+                    t.allocations += v.allocations;
+                    t.frees += v.frees;
+                    t.bytes_allocated += v.bytes_allocated;
+                    t.bytes_freed += v.bytes_freed;
+                }
+                (site, t)
+            })
+            .collect()
+    }
+
+    /// The native loss counters, into `evidence`.
+    pub fn native_losses(&self, evidence: &mut NativeEvidence) {
+        evidence.unknown_frees = self.counter(counter::NATIVE_UNKNOWN_FREES);
+        evidence.outstanding_full = self.counter(counter::NATIVE_OUTSTANDING_FULL);
+        evidence.sites_full = self.counter(counter::NATIVE_SITES_FULL);
+        evidence.stale_calls = self.counter(counter::NATIVE_STALE_PENDING);
     }
 
     /// Detaches every probe on a thread of its own: the kernel removes uprobes one after
@@ -300,6 +510,7 @@ impl Tracer {
                 attached: outcome.is_ok(),
                 hits: self.counter(counter::HITS_BASE + spec.id),
                 error: outcome.as_ref().err().cloned(),
+                placement: self.placements.get(&(spec.program, spec.symbol)).cloned(),
             })
             .collect()
     }

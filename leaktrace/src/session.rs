@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     carriers::{CarrierLedger, OwnerNames},
-    config::{Launch, TraceConfig},
+    config::{Launch, NativeMode, TraceConfig},
     error::Error,
     image::ImageView,
     launch::{self, HeldChild},
@@ -136,6 +136,92 @@ fn prepare(image: &std::path::Path, exe: &std::path::Path) -> Result<(SymbolTabl
     Ok((symbols, tracer))
 }
 
+/// The native probes over a run: when they attached and what they saw.
+struct NativeProbes {
+    mode: NativeMode,
+    ledger: Option<crate::native::NativeLedger>,
+    attached_at_s: Option<f64>,
+    libc: Option<String>,
+    reason: String,
+}
+
+impl NativeProbes {
+    fn new(mode: NativeMode) -> NativeProbes {
+        NativeProbes {
+            mode,
+            ledger: None,
+            attached_at_s: None,
+            libc: None,
+            reason: match mode {
+                NativeMode::Auto => {
+                    "--native auto: memory outside ERTS carriers did not grow".into()
+                }
+                NativeMode::On => "--native on".into(),
+                NativeMode::Off => "--native off".into(),
+            },
+        }
+    }
+
+    /// Attaches the libc probes of the target; a failure is recorded as the reason.
+    fn attach(&mut self, traced: &Traced, tracer: &mut Tracer, t_s: f64, why: String) {
+        let maps = crate::native::read_maps(traced.pid);
+        let Some(libc) = crate::native::find_libc(&maps) else {
+            self.reason = format!("{why}, but the target maps no libc");
+            self.mode = NativeMode::Off;
+            return;
+        };
+        // Through the target's root: the right file also for a node in a container.
+        let path = PathBuf::from(format!("/proc/{}/root{libc}", traced.pid));
+        match tracer.attach_native(&path, traced.pid) {
+            Ok(()) => {
+                self.ledger = Some(crate::native::NativeLedger::new(
+                    traced.pid,
+                    &traced.exe_for_maps.display().to_string(),
+                ));
+                self.attached_at_s = Some(t_s);
+                self.reason = why;
+                self.libc = Some(libc);
+            }
+            Err(e) => {
+                self.reason = format!("{why}, but attaching failed: {e}");
+                self.mode = NativeMode::Off;
+            }
+        }
+    }
+
+    /// Reads the kernel's site totals into the ledger and the sample.
+    fn account(&mut self, tracer: &Tracer, s: &mut crate::recording::Sample) {
+        let Some(ledger) = self.ledger.as_mut() else {
+            return;
+        };
+        ledger.update(tracer.native_sites());
+        ledger.record_point(s.t_s);
+        let native = ledger.outstanding();
+        s.native_outstanding = Some(native);
+        s.unexplained = s.unexplained.map(|u| u - native);
+    }
+
+    /// The evidence for the recording (None with `--native off`).
+    fn finish(self, tracer: &Tracer) -> Option<crate::recording::NativeEvidence> {
+        if self.mode == NativeMode::Off && self.ledger.is_none() && self.attached_at_s.is_none() {
+            return (self.reason != "--native off").then(|| crate::recording::NativeEvidence {
+                reason: self.reason,
+                ..Default::default()
+            });
+        }
+        let mut e = match &self.ledger {
+            Some(l) => l.evidence(self.attached_at_s, self.reason),
+            None => crate::recording::NativeEvidence {
+                reason: self.reason,
+                ..Default::default()
+            },
+        };
+        e.libc = self.libc;
+        tracer.native_losses(&mut e);
+        Some(e)
+    }
+}
+
 /// Puts VM figures into the ledger samples they were asked for.
 fn fill_vm_figures(samples: &mut [crate::recording::Sample], figures: Vec<LedgerFigures>) {
     for f in figures {
@@ -218,6 +304,10 @@ async fn sample_loop(
     );
     vm.request(0.0, 0);
     let mut samples = vec![first];
+    let mut native = NativeProbes::new(cfg.native);
+    if cfg.native == NativeMode::On {
+        native.attach(&traced, &mut tracer, 0.0, "--native on".into());
+    }
     let progress = cfg.progress && std::io::stderr().is_terminal();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::Load(e.to_string()))?;
@@ -250,7 +340,15 @@ async fn sample_loop(
                 );
                 // VM figures arrive from the worker when the node answers; the loop never waits.
                 vm.request(t_s, samples.len());
+                let mut s = s;
+                native.account(&tracer, &mut s);
                 samples.push(s);
+                if native.mode == NativeMode::Auto
+                    && native.ledger.is_none()
+                    && let Some(reason) = crate::native::auto_trigger(&samples, &cfg.thresholds)
+                {
+                    native.attach(&traced, &mut tracer, t_s, reason);
+                }
                 fill_vm_figures(&mut samples, vm.take_figures());
                 if progress {
                     let line = progress::line(samples.last().expect("pushed"), rss0.rss, ledger.events());
@@ -268,6 +366,7 @@ async fn sample_loop(
     tracer.drain(|ev| ledger.apply(&ev));
     let duration_s = start.elapsed().as_secs_f64();
 
+    let native_evidence = native.finish(&tracer);
     let mut losses = tracer.losses();
     losses.unknown_frees = ledger.unknown_frees();
     losses.probe_errors += ledger.undecodable();
@@ -299,10 +398,21 @@ async fn sample_loop(
     if !vm_connection {
         source_notes.push("vm_used and vm_allocated are not measured (null)".into());
     }
-    source_notes.push(
-        "native probes (malloc family, enif/driver API) not attached: native_outstanding is null"
-            .into(),
-    );
+    match &native_evidence {
+        Some(n) if n.attached_at_s.is_some() => source_notes.push(format!(
+            "native probes on {} attached at {:.1} s: {}",
+            n.libc.as_deref().unwrap_or("libc"),
+            n.attached_at_s.unwrap_or(0.0),
+            n.reason
+        )),
+        Some(n) => source_notes.push(format!(
+            "native probes not attached: {}; native_outstanding is null",
+            n.reason
+        )),
+        None => {
+            source_notes.push("native probes off (--native off): native_outstanding is null".into())
+        }
+    }
     if !learned.names_read {
         source_notes.push(
             "allocator names could not be read from the target (erts_alc_a2ad): carriers are named by number"
@@ -335,6 +445,9 @@ async fn sample_loop(
         end,
         sources: Sources {
             carrier_probes: carriers_live,
+            native_probes: native_evidence
+                .as_ref()
+                .is_some_and(|n| n.attached_at_s.is_some()),
             vm_connection,
             ..Default::default()
         },
@@ -349,6 +462,7 @@ async fn sample_loop(
             events: ledger.events(),
         },
         vm: vm_evidence,
+        native: native_evidence,
     };
     Ok(Finished {
         recording,

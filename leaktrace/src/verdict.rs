@@ -279,82 +279,11 @@ pub fn judge(rec: &Recording) -> Verdict {
     let mut ruled_out: Vec<RuledOut> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
 
-    // native_leak: RSS grows and most of it is outside what ERTS carriers account for.
-    let unexplained_slope = trends.slope("unexplained");
-    let vm_outside_carriers = rec.vm.as_ref().filter(|v| v.memory_outside_carriers());
-    if let Some(vm) = vm_outside_carriers {
-        ruled_out.push(RuledOut {
-            kind: VerdictKind::NativeLeak,
-            reason: format!(
-                "not judged from memory outside carriers: the node runs without ERTS allocators {} (+M flags), so the VM's own memory lives outside carriers too ({})",
-                vm.disabled_allocators.join(", "),
-                trends.describe("unexplained")
-            ),
-        });
-    } else if !rec.sources.carrier_probes {
-        ruled_out.push(RuledOut {
-            kind: VerdictKind::NativeLeak,
-            reason:
-                "carrier probes were not attached, so memory outside carriers cannot be told apart"
-                    .into(),
-        });
-    } else if rss_grows
-        && trends.grows("unexplained")
-        && unexplained_slope >= th.explained_fraction * rss_slope
-    {
-        let last = rec
-            .samples
-            .iter()
-            .rev()
-            .find_map(|s| s.unexplained)
-            .unwrap_or(0);
-        let native = rec.samples.iter().rev().find_map(|s| s.native_outstanding);
-        let culprit = match native {
-            Some(bytes) if trends.grows("native_outstanding") => Culprit {
-                kind: CulpritKind::Native,
-                name: "native allocations (malloc family / enif / driver)".into(),
-                bytes,
-                growth_bytes_per_s: trends.slope("native_outstanding"),
-                detail: None,
-            },
-            _ => Culprit {
-                kind: CulpritKind::Unexplained,
-                name: "memory outside ERTS carriers: NIF, driver or library malloc/mmap (native probes off)".into(),
-                bytes: last,
-                growth_bytes_per_s: unexplained_slope,
-                detail: Some(format!(
-                    "{:.0}% of the RSS growth",
-                    100.0 * unexplained_slope / rss_slope.max(1.0)
-                )),
-            },
-        };
-        candidates.push(Candidate {
-            strength: unexplained_slope,
-            finding: Finding {
-                kind: VerdictKind::NativeLeak,
-                summary: format!(
-                    "RSS grows {}; {} of it ({:.0}%) is outside ERTS carriers",
-                    rate(rss_slope),
-                    rate(unexplained_slope),
-                    100.0 * unexplained_slope / rss_slope.max(1.0)
-                ),
-                culprits: vec![culprit],
-            },
-        });
-    } else {
-        ruled_out.push(RuledOut {
-            kind: VerdictKind::NativeLeak,
-            reason: if rss_grows {
-                format!(
-                    "{}; it explains less than {:.0}% of the RSS growth ({})",
-                    trends.describe("unexplained"),
-                    th.explained_fraction * 100.0,
-                    rate(rss_slope)
-                )
-            } else {
-                format!("{}, under the growth floor", trends.describe("rss_anon"))
-            },
-        });
+    // native_leak: memory outside ERTS carriers grows, named by the native probes when they
+    // were attached.
+    match native_rule(rec, &trends) {
+        Ok(c) => candidates.push(c),
+        Err(r) => ruled_out.push(r),
     }
 
     // The VM's own figures decide between VM growth and fragmentation.
@@ -437,6 +366,185 @@ pub fn judge(rec: &Recording) -> Verdict {
         ruled_out,
         trends: trends.to_lines(),
     }
+}
+
+/// Native objects whose outstanding bytes grow, most growth first.
+fn native_culprits(rec: &Recording, rss_slope: f64) -> Vec<Culprit> {
+    let Some(n) = rec.native.as_ref() else {
+        return Vec::new();
+    };
+    let th = &rec.thresholds;
+    let mut out: Vec<Culprit> = n
+        .modules
+        .iter()
+        .filter(|m| !m.is_emulator)
+        .filter_map(|m| {
+            let pts: Vec<(f64, f64)> = n
+                .series
+                .iter()
+                .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.module)? as f64)))
+                .collect();
+            let g = growth(&pts, th)?;
+            g.grows.then(|| Culprit {
+                kind: CulpritKind::Native,
+                name: match &m.function {
+                    Some(f) => format!("{}: {f}", m.module),
+                    None => m.module.clone(),
+                },
+                bytes: m.outstanding_bytes,
+                growth_bytes_per_s: g.whole.slope_per_s,
+                detail: Some(format!(
+                    "{} allocations, {} freed, {} outstanding since the probes attached; {} of the RSS growth{}",
+                    m.allocations,
+                    m.frees,
+                    human_bytes(m.outstanding_bytes as f64),
+                    crate::units::percent(g.whole.slope_per_s, rss_slope),
+                    if m.path.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", m.path)
+                    }
+                )),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
+    out
+}
+
+/// How balanced the native side was, in one sentence with numbers.
+fn native_balance(rec: &Recording, trends: &Trends) -> Option<String> {
+    let n = rec.native.as_ref().filter(|n| n.attached_at_s.is_some())?;
+    let others: Vec<_> = n.modules.iter().filter(|m| !m.is_emulator).collect();
+    let allocations: u64 = others.iter().map(|m| m.allocations).sum();
+    let frees: u64 = others.iter().map(|m| m.frees).sum();
+    let emulator = n
+        .modules
+        .iter()
+        .find(|m| m.is_emulator)
+        .map(|m| {
+            format!(
+                "; beam.smp's own libc use (its carriers, counted apart): {} allocations, {} outstanding",
+                m.allocations,
+                human_bytes(m.outstanding_bytes as f64)
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "native allocations are balanced: {allocations} allocations, {frees} frees by {} objects since {:.0} s; {}{emulator}",
+        others.len(),
+        n.attached_at_s.unwrap_or(0.0),
+        trends.describe("native_outstanding")
+    ))
+}
+
+/// The native_leak rule: growth the native probes attribute to objects, else growth outside
+/// every ERTS carrier that explains most of the RSS growth.
+fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> {
+    let th = &rec.thresholds;
+    let rss_slope = trends.slope("rss_anon");
+    let rss_grows = trends.grows("rss_anon");
+    let unexplained_slope = trends.slope("unexplained");
+    let ruled = |reason: String| {
+        Err(RuledOut {
+            kind: VerdictKind::NativeLeak,
+            reason,
+        })
+    };
+    if let Some(vm) = rec.vm.as_ref().filter(|v| v.memory_outside_carriers())
+        && !trends.grows("native_outstanding")
+    {
+        return ruled(format!(
+            "not judged from memory outside carriers: the node runs without ERTS allocators {} (+M flags), so the VM's own memory lives outside carriers too ({})",
+            vm.disabled_allocators.join(", "),
+            trends.describe("unexplained")
+        ));
+    }
+    let culprits = native_culprits(rec, rss_slope);
+    if rss_grows && !culprits.is_empty() {
+        let native_slope: f64 = culprits.iter().map(|c| c.growth_bytes_per_s).sum();
+        let lossy = rec.native.as_ref().is_some_and(|n| n.lossy());
+        return Ok(Candidate {
+            strength: native_slope,
+            finding: Finding {
+                kind: VerdictKind::NativeLeak,
+                summary: format!(
+                    "native memory never freed grows {} ({} of the RSS growth of {}): {}{}",
+                    rate(native_slope),
+                    crate::units::percent(native_slope, rss_slope),
+                    rate(rss_slope),
+                    culprits[0].name,
+                    if lossy {
+                        " (some allocations went untracked: map full; figures are lower bounds)"
+                    } else {
+                        ""
+                    }
+                ),
+                culprits,
+            },
+        });
+    }
+    if !rec.sources.carrier_probes {
+        return ruled(
+            "carrier probes were not attached, so memory outside carriers cannot be told apart"
+                .into(),
+        );
+    }
+    if rss_grows
+        && trends.grows("unexplained")
+        && unexplained_slope >= th.explained_fraction * rss_slope
+    {
+        let last = rec
+            .samples
+            .iter()
+            .rev()
+            .find_map(|s| s.unexplained)
+            .unwrap_or(0);
+        let probes = match rec.native.as_ref() {
+            Some(n) if n.attached_at_s.is_some() => {
+                "the native probes saw no growing object: the growth is outside the malloc family (direct system calls, a driver's own mappings) or came before they attached"
+            }
+            _ => "native probes off",
+        };
+        return Ok(Candidate {
+            strength: unexplained_slope,
+            finding: Finding {
+                kind: VerdictKind::NativeLeak,
+                summary: format!(
+                    "RSS grows {}; {} of it ({:.0}%) is outside ERTS carriers",
+                    rate(rss_slope),
+                    rate(unexplained_slope),
+                    100.0 * unexplained_slope / rss_slope.max(1.0)
+                ),
+                culprits: vec![Culprit {
+                    kind: CulpritKind::Unexplained,
+                    name: format!(
+                        "memory outside ERTS carriers: NIF, driver or library malloc/mmap ({probes})"
+                    ),
+                    bytes: last,
+                    growth_bytes_per_s: unexplained_slope,
+                    detail: Some(format!(
+                        "{:.0}% of the RSS growth",
+                        100.0 * unexplained_slope / rss_slope.max(1.0)
+                    )),
+                }],
+            },
+        });
+    }
+    let why = if rss_grows {
+        format!(
+            "{}; it explains less than {:.0}% of the RSS growth ({})",
+            trends.describe("unexplained"),
+            th.explained_fraction * 100.0,
+            rate(rss_slope)
+        )
+    } else {
+        format!("{}, under the growth floor", trends.describe("rss_anon"))
+    };
+    ruled(match native_balance(rec, trends) {
+        Some(b) => format!("{b}; {why}"),
+        None => why,
+    })
 }
 
 /// Why growing RSS got no verdict, in words that agree with the figures shown.

@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, fs, path::Path};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+pub mod native;
 pub mod vm;
+pub use native::{NativeEvidence, NativeModule, NativePoint};
 pub use vm::{
     AllocatorUsage, Census, CensusLimits, LoadedCode, MsegCache, PersistentTerms, PortEntry, Ports,
     ProcessEntry, ProcessGroup, TableEntry, VmEvidence, VmGap, VmSample,
@@ -49,6 +51,9 @@ pub struct Recording {
     /// The VM's own figures, when a distribution connection answered.
     #[serde(default)]
     pub vm: Option<VmEvidence>,
+    /// What the native probes saw (None: not attached in this run).
+    #[serde(default)]
+    pub native: Option<NativeEvidence>,
 }
 
 /// The traced process.
@@ -105,6 +110,9 @@ pub struct ProbeStat {
     /// Why it did not attach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where in the function it sits and the instruction under it (native probes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 /// One ledger sample. Byte figures; `None` (JSON null) when the source was not available.

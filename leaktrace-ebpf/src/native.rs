@@ -1,0 +1,314 @@
+//! Native probes: the libc malloc family and anonymous mmap of the target, from every thread.
+//!
+//! These fire up to millions of times a second, so nothing goes to userspace per call: an
+//! allocation is kept by address in `NATIVE_OUTSTANDING` (size, site), and the totals of its
+//! site (the return address of the call) in the per-CPU `NATIVE_SITES`; a free finds the allocation, credits
+//! its site and forgets it. Userspace reads the sites each interval.
+//!
+//! One call in flight per thread: the outermost allocation call. glibc's realloc(NULL, n) calls
+//! malloc, and malloc may call mmap: the inner calls find the slot taken and are not counted,
+//! so every byte is counted once, at the caller's site.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use leaktrace_common::{NativeOutstanding, NativePending, NativeSite, counter, probe_id as P};
+
+use crate::maps::{NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES, bump, hit};
+
+/// A pending call older than this lost its return (longjmp, thread killed): replaced.
+const STALE_NS: u64 = 1_000_000_000;
+/// `MAP_ANONYMOUS` on x86-64.
+const MAP_ANONYMOUS: u64 = 0x20;
+
+fn tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// The return address at `[rsp]`: at a function's entry (or past instructions that leave the
+/// stack alone) it is the caller's code. Most NIFs have no frame pointers; this needs none.
+fn site(ctx: &ProbeContext) -> u64 {
+    let rsp = unsafe { (*ctx.regs).rsp };
+    unsafe { bpf_probe_read_user(rsp as *const u64) }.unwrap_or(0)
+}
+
+/// Saves the call unless an outer allocation call of this thread is in flight.
+fn enter(probe: u32, size: u64, site: u64, ptr: u64) {
+    let call = NativePending {
+        probe,
+        _pad: 0,
+        size,
+        site,
+        ptr,
+        ts_ns: now(),
+    };
+    let key = tid();
+    if NATIVE_PENDING
+        .insert(&key, &call, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        return;
+    }
+    // Taken: by an outer call (nested: not counted), or by a call whose return never came.
+    if let Some(old) = unsafe { NATIVE_PENDING.get(&key) }
+        && call.ts_ns.saturating_sub(old.ts_ns) > STALE_NS
+    {
+        bump(counter::NATIVE_STALE_PENDING);
+        if NATIVE_PENDING.insert(&key, &call, BPF_ANY as u64).is_err() {
+            bump(counter::MAP_FULL);
+        }
+    }
+}
+
+/// The saved call of this thread if `probe` made it (a nested call's return finds its outer
+/// call's slot and leaves it).
+fn leave(probe: u32) -> Option<NativePending> {
+    let key = tid();
+    let call = *unsafe { NATIVE_PENDING.get(&key) }?;
+    if call.probe != probe {
+        return None;
+    }
+    let _ = NATIVE_PENDING.remove(&key);
+    Some(call)
+}
+
+fn site_entry(site: u64) -> Option<*mut NativeSite> {
+    if let Some(s) = NATIVE_SITES.get_ptr_mut(&site) {
+        return Some(s);
+    }
+    let _ = NATIVE_SITES.insert(&site, &NativeSite::default(), BPF_NOEXIST as u64);
+    let s = NATIVE_SITES.get_ptr_mut(&site);
+    if s.is_none() {
+        bump(counter::NATIVE_SITES_FULL);
+    }
+    s
+}
+
+/// Adds `v` to a counter of this CPU's copy of a site.
+fn add(slot: *mut u64, v: u64) {
+    // SAFETY: `slot` points into this CPU's value of a per-CPU map: no other CPU writes it,
+    // and a BPF program is not preempted on its CPU.
+    unsafe { *slot += v };
+}
+
+/// Records an allocation of `size` bytes at `ptr` made from `site`.
+fn allocated(ptr: u64, size: u64, site: u64) {
+    if ptr == 0 {
+        return;
+    }
+    let Some(s) = site_entry(site) else { return };
+    let entry = NativeOutstanding {
+        size,
+        site,
+        ts_ns: now(),
+    };
+    if NATIVE_OUTSTANDING
+        .insert(&ptr, &entry, BPF_ANY as u64)
+        .is_err()
+    {
+        bump(counter::NATIVE_OUTSTANDING_FULL);
+        return;
+    }
+    unsafe {
+        add(&raw mut (*s).allocations, 1);
+        add(&raw mut (*s).bytes_allocated, size);
+    }
+}
+
+/// Forgets the allocation at `ptr` and credits its site; an address never seen allocated is
+/// counted, its size never guessed.
+fn freed(ptr: u64) {
+    let Some(entry) = (unsafe { NATIVE_OUTSTANDING.get(&ptr) }).copied() else {
+        bump(counter::NATIVE_UNKNOWN_FREES);
+        return;
+    };
+    if NATIVE_OUTSTANDING.remove(&ptr).is_err() {
+        // Another CPU freed it first (a double free in the target): count it once.
+        return;
+    }
+    if let Some(s) = NATIVE_SITES.get_ptr_mut(&entry.site) {
+        unsafe {
+            add(&raw mut (*s).frees, 1);
+            add(&raw mut (*s).bytes_freed, entry.size);
+        }
+    }
+}
+
+fn ret(ctx: &RetProbeContext) -> u64 {
+    ctx.ret::<u64>()
+}
+
+// malloc(size), valloc(size), pvalloc(size)
+
+#[uprobe]
+pub fn native_malloc(ctx: ProbeContext) -> u32 {
+    hit(P::MALLOC);
+    enter(P::MALLOC, arg(&ctx, 0), site(&ctx), 0);
+    0
+}
+
+#[uretprobe]
+pub fn native_malloc_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::MALLOC_RET);
+    if let Some(call) = leave(P::MALLOC) {
+        allocated(ret(&ctx), call.size, call.site);
+    }
+    0
+}
+
+// calloc(n, size)
+
+#[uprobe]
+pub fn native_calloc(ctx: ProbeContext) -> u32 {
+    hit(P::CALLOC);
+    let (n, size) = (arg(&ctx, 0), arg(&ctx, 1));
+    // No 128-bit multiply in BPF (an overflow check compiles to one): two factors under 2^32
+    // cannot overflow; beyond that calloc fails anyway (NULL, not recorded).
+    let bytes = if n >> 32 == 0 && size >> 32 == 0 {
+        n * size
+    } else {
+        u64::MAX
+    };
+    enter(P::CALLOC, bytes, site(&ctx), 0);
+    0
+}
+
+#[uretprobe]
+pub fn native_calloc_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::CALLOC_RET);
+    if let Some(call) = leave(P::CALLOC) {
+        allocated(ret(&ctx), call.size, call.site);
+    }
+    0
+}
+
+// realloc(ptr, size): NULL is malloc, size 0 is free.
+
+#[uprobe]
+pub fn native_realloc(ctx: ProbeContext) -> u32 {
+    hit(P::REALLOC);
+    enter(P::REALLOC, arg(&ctx, 1), site(&ctx), arg(&ctx, 0));
+    0
+}
+
+#[uretprobe]
+pub fn native_realloc_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::REALLOC_RET);
+    let Some(call) = leave(P::REALLOC) else {
+        return 0;
+    };
+    let new = ret(&ctx);
+    // A failed realloc (NULL for a non-zero size) leaves the old block where it was.
+    if new == 0 && call.size != 0 {
+        return 0;
+    }
+    if call.ptr != 0 {
+        freed(call.ptr);
+    }
+    if call.size != 0 {
+        allocated(new, call.size, call.site);
+    }
+    0
+}
+
+// aligned_alloc(alignment, size), memalign(alignment, size)
+
+#[uprobe]
+pub fn native_memalign(ctx: ProbeContext) -> u32 {
+    hit(P::MEMALIGN);
+    enter(P::MEMALIGN, arg(&ctx, 1), site(&ctx), 0);
+    0
+}
+
+#[uretprobe]
+pub fn native_memalign_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::MEMALIGN_RET);
+    if let Some(call) = leave(P::MEMALIGN) {
+        allocated(ret(&ctx), call.size, call.site);
+    }
+    0
+}
+
+// posix_memalign(void **memptr, alignment, size): 0 on success, the pointer in *memptr.
+
+#[uprobe]
+pub fn native_posix_memalign(ctx: ProbeContext) -> u32 {
+    hit(P::POSIX_MEMALIGN);
+    enter(P::POSIX_MEMALIGN, arg(&ctx, 2), site(&ctx), arg(&ctx, 0));
+    0
+}
+
+#[uretprobe]
+pub fn native_posix_memalign_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::POSIX_MEMALIGN_RET);
+    let Some(call) = leave(P::POSIX_MEMALIGN) else {
+        return 0;
+    };
+    if ret(&ctx) != 0 {
+        return 0;
+    }
+    match unsafe { bpf_probe_read_user(call.ptr as *const u64) } {
+        Ok(ptr) => allocated(ptr, call.size, call.site),
+        Err(_) => bump(counter::PROBE_ERRORS),
+    }
+    0
+}
+
+// free(ptr): placed past glibc's NULL test (see the userspace placement), so ptr is non-NULL.
+
+#[uprobe]
+pub fn native_free(ctx: ProbeContext) -> u32 {
+    hit(P::FREE);
+    let ptr = arg(&ctx, 0);
+    if ptr != 0 {
+        freed(ptr);
+    }
+    0
+}
+
+// mmap(addr, length, prot, flags, fd, offset): anonymous mappings only.
+
+#[uprobe]
+pub fn native_mmap(ctx: ProbeContext) -> u32 {
+    hit(P::MMAP_ANON);
+    if arg(&ctx, 3) & MAP_ANONYMOUS != 0 {
+        enter(P::MMAP_ANON, arg(&ctx, 1), site(&ctx), 0);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn native_mmap_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::MMAP_ANON_RET);
+    if let Some(call) = leave(P::MMAP_ANON) {
+        let addr = ret(&ctx);
+        // MAP_FAILED is (void *)-1.
+        if addr != u64::MAX {
+            allocated(addr, call.size, call.site);
+        }
+    }
+    0
+}
+
+// munmap(addr, length)
+
+#[uprobe]
+pub fn native_munmap(ctx: ProbeContext) -> u32 {
+    hit(P::MUNMAP_ANON);
+    let addr = arg(&ctx, 0);
+    if unsafe { NATIVE_OUTSTANDING.get(&addr) }.is_some() {
+        freed(addr);
+    }
+    0
+}

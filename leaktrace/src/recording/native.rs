@@ -1,0 +1,71 @@
+//! What the native probes saw, as a recording holds it: allocation sites grouped by the object
+//! that made the calls, and their outstanding bytes over time.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Native allocation evidence of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NativeEvidence {
+    /// Seconds since attach when the libc probes attached (None: never).
+    pub attached_at_s: Option<f64>,
+    /// Why they attached, or why not.
+    pub reason: String,
+    /// The libc the probes are on.
+    #[serde(default)]
+    pub libc: Option<String>,
+    /// Per object (NIF, driver, library, beam.smp itself), largest outstanding first.
+    pub modules: Vec<NativeModule>,
+    /// Outstanding bytes per object, one point per sample after attach.
+    pub series: Vec<NativePoint>,
+    /// Frees of addresses never seen allocated (allocated before attach, or untracked).
+    pub unknown_frees: u64,
+    /// Allocations not tracked because the outstanding map was full.
+    pub outstanding_full: u64,
+    /// Allocations not tracked because the site map was full.
+    pub sites_full: u64,
+    /// Calls whose return was never seen (a slot older than a second replaced).
+    pub stale_calls: u64,
+}
+
+impl NativeEvidence {
+    /// Events the verdict cannot see: figures resting on them are lower bounds.
+    pub fn lossy(&self) -> bool {
+        self.outstanding_full + self.sites_full > 0
+    }
+}
+
+/// One object's native allocations since the probes attached.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NativeModule {
+    /// File name of the object (`lt_native.so`, `libcrypto.so.3`, `beam.smp`).
+    pub module: String,
+    /// Path as the target maps it.
+    pub path: String,
+    /// beam.smp itself: its libc use is ERTS carriers and internals, counted by the carrier
+    /// probes and the VM view, so never in `native_outstanding`.
+    pub is_emulator: bool,
+    /// The function with the most outstanding bytes, when the object has symbols.
+    pub function: Option<String>,
+    /// Allocations made.
+    pub allocations: u64,
+    /// Of those, freed.
+    pub frees: u64,
+    /// Bytes allocated and not freed.
+    pub outstanding_bytes: i64,
+    /// Distinct call sites.
+    pub sites: u64,
+    /// Outstanding bytes per function (symbolized sites), largest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<(String, i64)>,
+}
+
+/// Outstanding bytes per object at one sample.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NativePoint {
+    /// Seconds since attach.
+    pub t_s: f64,
+    /// Object file name -> outstanding bytes.
+    pub by_module: BTreeMap<String, i64>,
+}
