@@ -218,8 +218,26 @@ pub mod probe_id {
     pub const MMAP_ANON_RET: u32 = 32;
     /// libc munmap
     pub const MUNMAP_ANON: u32 = 33;
+    /// enif_alloc, driver_alloc entry
+    pub const NIF_ALLOC: u32 = 34;
+    /// enif_alloc, driver_alloc return
+    pub const NIF_ALLOC_RET: u32 = 35;
+    /// enif_free, driver_free
+    pub const NIF_FREE: u32 = 36;
+    /// enif_realloc, driver_realloc entry
+    pub const NIF_REALLOC: u32 = 37;
+    /// enif_realloc, driver_realloc return
+    pub const NIF_REALLOC_RET: u32 = 38;
+    /// enif_alloc_resource entry
+    pub const NIF_RESOURCE: u32 = 39;
+    /// enif_alloc_resource return
+    pub const NIF_RESOURCE_RET: u32 = 40;
+    /// enif_keep_resource
+    pub const NIF_KEEP: u32 = 41;
+    /// enif_release_resource
+    pub const NIF_RELEASE: u32 = 42;
     /// Number of probe ids.
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 43;
 }
 
 const _: () = assert!(counter::HITS_BASE + probe_id::COUNT <= counter::LEN);
@@ -252,6 +270,23 @@ pub struct NativeOutstanding {
     pub site: u64,
     /// `bpf_ktime_get_ns()` at allocation.
     pub ts_ns: u64,
+}
+
+/// Set in a site key when the allocation went through the NIF/driver API (enif_alloc,
+/// enif_alloc_resource, driver_alloc): that memory lives inside ERTS carriers. User-space
+/// addresses never have this bit.
+pub const NIF_API_SITE: u64 = 1 << 63;
+
+/// A resource object the NIF code still holds references to, keyed by its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NifResource {
+    /// Bytes asked for.
+    pub size: u64,
+    /// Site key (with [`NIF_API_SITE`]).
+    pub site: u64,
+    /// References taken by the NIF code (alloc and keeps) minus releases.
+    pub refs: u64,
 }
 
 /// Totals of one allocation site (a return address), updated in the kernel: userspace reads a

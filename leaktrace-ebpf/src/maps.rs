@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use leaktrace_common::{
-    NativeOutstanding, NativePending, NativeSite, PendingCall, counter, native_limits,
+    NativeOutstanding, NativePending, NativeSite, NifResource, PendingCall, counter, native_limits,
 };
 
 /// Carrier events to userspace. Carrier calls are rare (hundreds a second on a busy node),
@@ -32,6 +32,11 @@ pub static NATIVE_OUTSTANDING: HashMap<u64, NativeOutstanding> =
 #[map]
 pub static NATIVE_SITES: PerCpuHashMap<u64, NativeSite> =
     PerCpuHashMap::with_max_entries(native_limits::SITES, 0);
+
+/// Resource objects the NIF code holds references to, by address.
+#[map]
+pub static NIF_RESOURCES: HashMap<u64, NifResource> =
+    HashMap::with_max_entries(native_limits::OUTSTANDING, 0);
 
 /// Per-CPU counters: losses, errors and probe hits (indices in `leaktrace_common::counter`).
 #[map]

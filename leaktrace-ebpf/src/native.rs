@@ -15,9 +15,11 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use leaktrace_common::{NativeOutstanding, NativePending, NativeSite, counter, probe_id as P};
+use leaktrace_common::{
+    NIF_API_SITE, NativeOutstanding, NativePending, NativeSite, NifResource, counter, probe_id as P,
+};
 
-use crate::maps::{NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES, bump, hit};
+use crate::maps::{NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES, NIF_RESOURCES, bump, hit};
 
 /// A pending call older than this lost its return (longjmp, thread killed): replaced.
 const STALE_NS: u64 = 1_000_000_000;
@@ -309,6 +311,153 @@ pub fn native_munmap(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
     if unsafe { NATIVE_OUTSTANDING.get(&addr) }.is_some() {
         freed(addr);
+    }
+    0
+}
+
+// The NIF and driver API of beam.smp. enif_alloc is `mov; mov; mov; jmp *allocator`: it
+// tail-jumps, so `[rsp]` at its entry is the NIF's own return address, and its return probe
+// fires when the allocator returns to the NIF. This memory lives in ERTS carriers: its sites
+// carry NIF_API_SITE so userspace keeps it out of native_outstanding.
+
+// enif_alloc(size), driver_alloc(size)
+
+#[uprobe]
+pub fn nif_alloc(ctx: ProbeContext) -> u32 {
+    hit(P::NIF_ALLOC);
+    enter(P::NIF_ALLOC, arg(&ctx, 0), site(&ctx) | NIF_API_SITE, 0);
+    0
+}
+
+#[uretprobe]
+pub fn nif_alloc_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::NIF_ALLOC_RET);
+    if let Some(call) = leave(P::NIF_ALLOC) {
+        allocated(ret(&ctx), call.size, call.site);
+    }
+    0
+}
+
+// enif_free(ptr), driver_free(ptr)
+
+#[uprobe]
+pub fn nif_free(ctx: ProbeContext) -> u32 {
+    hit(P::NIF_FREE);
+    let ptr = arg(&ctx, 0);
+    if ptr != 0 {
+        freed(ptr);
+    }
+    0
+}
+
+// enif_realloc(ptr, size), driver_realloc(ptr, size)
+
+#[uprobe]
+pub fn nif_realloc(ctx: ProbeContext) -> u32 {
+    hit(P::NIF_REALLOC);
+    enter(
+        P::NIF_REALLOC,
+        arg(&ctx, 1),
+        site(&ctx) | NIF_API_SITE,
+        arg(&ctx, 0),
+    );
+    0
+}
+
+#[uretprobe]
+pub fn nif_realloc_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::NIF_REALLOC_RET);
+    let Some(call) = leave(P::NIF_REALLOC) else {
+        return 0;
+    };
+    let new = ret(&ctx);
+    if new == 0 && call.size != 0 {
+        return 0;
+    }
+    if call.ptr != 0 {
+        freed(call.ptr);
+    }
+    if call.size != 0 {
+        allocated(new, call.size, call.site);
+    }
+    0
+}
+
+// enif_alloc_resource(type, size): the NIF holds one reference.
+
+#[uprobe]
+pub fn nif_resource(ctx: ProbeContext) -> u32 {
+    hit(P::NIF_RESOURCE);
+    enter(P::NIF_RESOURCE, arg(&ctx, 1), site(&ctx) | NIF_API_SITE, 0);
+    0
+}
+
+#[uretprobe]
+pub fn nif_resource_ret(ctx: RetProbeContext) -> u32 {
+    hit(P::NIF_RESOURCE_RET);
+    let Some(call) = leave(P::NIF_RESOURCE) else {
+        return 0;
+    };
+    let ptr = ret(&ctx);
+    if ptr == 0 {
+        return 0;
+    }
+    let Some(s) = site_entry(call.site) else {
+        return 0;
+    };
+    let entry = NifResource {
+        size: call.size,
+        site: call.site,
+        refs: 1,
+    };
+    if NIF_RESOURCES.insert(&ptr, &entry, BPF_ANY as u64).is_err() {
+        bump(counter::NATIVE_OUTSTANDING_FULL);
+        return 0;
+    }
+    unsafe {
+        add(&raw mut (*s).allocations, 1);
+        add(&raw mut (*s).bytes_allocated, call.size);
+    }
+    0
+}
+
+// enif_keep_resource(obj): one more reference the NIF code must release.
+
+#[uprobe]
+pub fn nif_keep(ctx: ProbeContext) -> u32 {
+    hit(P::NIF_KEEP);
+    if let Some(r) = NIF_RESOURCES.get_ptr_mut(&arg(&ctx, 0)) {
+        unsafe { (*r).refs += 1 };
+    }
+    0
+}
+
+// enif_release_resource(obj): the last release of the NIF's references credits the site (the
+// object may live on in terms; that is the VM's to free, not a leak of the NIF).
+
+#[uprobe]
+pub fn nif_release(ctx: ProbeContext) -> u32 {
+    hit(P::NIF_RELEASE);
+    let ptr = arg(&ctx, 0);
+    let Some(r) = NIF_RESOURCES.get_ptr_mut(&ptr) else {
+        bump(counter::NATIVE_UNKNOWN_FREES);
+        return 0;
+    };
+    let left = unsafe {
+        (*r).refs = (*r).refs.saturating_sub(1);
+        (*r).refs
+    };
+    if left > 0 {
+        return 0;
+    }
+    let entry = unsafe { *r };
+    if NIF_RESOURCES.remove(&ptr).is_ok()
+        && let Some(s) = NATIVE_SITES.get_ptr_mut(&entry.site)
+    {
+        unsafe {
+            add(&raw mut (*s).frees, 1);
+            add(&raw mut (*s).bytes_freed, entry.size);
+        }
     }
     0
 }

@@ -15,7 +15,7 @@ use blazesym::{
         source::{Process, Source},
     },
 };
-use leaktrace_common::NativeSite;
+use leaktrace_common::{NIF_API_SITE, NativeSite};
 
 use crate::recording::{NativeEvidence, NativeModule, NativePoint};
 
@@ -80,6 +80,8 @@ fn file_name(path: &str) -> String {
 #[derive(Clone, Debug)]
 struct Site {
     module: String,
+    /// Allocated through the NIF/driver API: inside ERTS carriers.
+    nif_api: bool,
     path: String,
     function: Option<String>,
     stats: NativeSite,
@@ -137,20 +139,28 @@ impl NativeLedger {
             return;
         }
         // A NIF library loaded after the last read: its mapping is new too.
-        if new.iter().any(|(a, _)| self.mapping_of(*a).is_none()) {
+        if new
+            .iter()
+            .any(|(a, _)| self.mapping_of(a & !NIF_API_SITE).is_none())
+        {
             self.maps = read_maps(self.pid);
         }
-        let addrs: Vec<u64> = new.iter().map(|(a, _)| a.saturating_sub(1)).collect();
+        let addrs: Vec<u64> = new
+            .iter()
+            .map(|(a, _)| (a & !NIF_API_SITE).saturating_sub(1))
+            .collect();
         let names = self.symbolize(&addrs);
-        for ((addr, stats), function) in new.into_iter().zip(names) {
+        for ((key, stats), function) in new.into_iter().zip(names) {
+            let addr = key & !NIF_API_SITE;
             let (module, path) = match self.mapping_of(addr) {
                 Some(m) => (file_name(&m.path), m.path.clone()),
                 None => (ANONYMOUS.to_owned(), String::new()),
             };
             self.sites.insert(
-                addr,
+                key,
                 Site {
                     module,
+                    nif_api: key & NIF_API_SITE != 0,
                     path,
                     function,
                     stats,
@@ -184,34 +194,45 @@ impl NativeLedger {
         stats.bytes_allocated as i64 - stats.bytes_freed as i64
     }
 
-    /// Outstanding bytes of objects other than the emulator: what the ledger subtracts (the
-    /// emulator's own libc use is its carriers, already counted).
+    /// Outstanding bytes of objects other than the emulator, through libc: what the ledger
+    /// subtracts (the emulator's own libc use is its carriers, and NIF API memory lives in
+    /// carriers: both already counted).
     pub fn outstanding(&self) -> i64 {
         self.sites
             .values()
-            .filter(|s| s.module != self.emulator)
+            .filter(|s| s.module != self.emulator && !s.nif_api)
             .map(|s| Self::outstanding_of(&s.stats))
             .sum()
+    }
+
+    /// The key of a site's object in the per-object figures: NIF API memory apart.
+    fn module_key(s: &Site) -> String {
+        if s.nif_api {
+            format!("{} (NIF API)", s.module)
+        } else {
+            s.module.clone()
+        }
     }
 
     /// Records the per-object outstanding bytes at `t_s`.
     pub fn record_point(&mut self, t_s: f64) {
         let mut by_module: BTreeMap<String, i64> = BTreeMap::new();
         for s in self.sites.values() {
-            *by_module.entry(s.module.clone()).or_default() += Self::outstanding_of(&s.stats);
+            *by_module.entry(Self::module_key(s)).or_default() += Self::outstanding_of(&s.stats);
         }
         self.series.push(NativePoint { t_s, by_module });
     }
 
     /// Per-object totals, largest outstanding first.
     pub fn modules(&self) -> Vec<NativeModule> {
-        let mut by: BTreeMap<&str, (NativeModule, BTreeMap<String, i64>)> = BTreeMap::new();
+        let mut by: BTreeMap<String, (NativeModule, BTreeMap<String, i64>)> = BTreeMap::new();
         for s in self.sites.values() {
-            let (m, functions) = by.entry(&s.module).or_insert_with(|| {
+            let (m, functions) = by.entry(Self::module_key(s)).or_insert_with(|| {
                 (
                     NativeModule {
-                        module: s.module.clone(),
+                        module: Self::module_key(s),
                         path: s.path.clone(),
+                        nif_api: s.nif_api,
                         is_emulator: s.module == self.emulator,
                         ..Default::default()
                     },
@@ -253,9 +274,10 @@ impl NativeLedger {
     }
 }
 
-/// `--native auto`: attach when memory outside ERTS carriers grows. Returns the reason, in
-/// words for the report, once `unexplained` grows by the verdict's own rule over the samples
-/// so far (at least `MIN_AUTO_S` of them).
+/// `--native auto`: attach when memory outside ERTS carriers grows (the libc side), or when
+/// the VM's used memory grows (NIF API memory lives in carriers). Returns the reason, in words
+/// for the report, once a line grows by the verdict's own rule over the samples so far (at least
+/// `MIN_AUTO_S` of them).
 pub fn auto_trigger(
     samples: &[crate::recording::Sample],
     th: &crate::recording::Thresholds,
@@ -264,20 +286,29 @@ pub fn auto_trigger(
     if last.t_s < MIN_AUTO_S || samples.len() < 4 {
         return None;
     }
-    let series = crate::trend::series(samples, |s| s.unexplained.map(|v| v as f64));
     // Half the run's growth floor: the probes should be in place before the verdict needs them.
     let early = crate::recording::Thresholds {
         min_total_growth_bytes: th.min_total_growth_bytes / 2.0,
         ..*th
     };
-    let g = crate::trend::growth(&series, &early)?;
-    g.grows.then(|| {
-        format!(
-            "memory outside ERTS carriers (unexplained) grew {} at {}/s by {:.0} s",
-            crate::units::human_bytes(g.total),
-            crate::units::human_bytes(g.whole.slope_per_s),
-            last.t_s
-        )
+    let lines: [(&str, &str, fn(&crate::recording::Sample) -> Option<f64>); 2] = [
+        ("unexplained", "memory outside ERTS carriers", |s| {
+            s.unexplained.map(|v| v as f64)
+        }),
+        ("vm_used", "memory the VM uses", |s| {
+            s.vm_used.map(|v| v as f64)
+        }),
+    ];
+    lines.iter().find_map(|(line, what, f)| {
+        let g = crate::trend::growth(&crate::trend::series(samples, f), &early)?;
+        g.grows.then(|| {
+            format!(
+                "{what} ({line}) grew {} at {}/s by {:.0} s",
+                crate::units::human_bytes(g.total),
+                crate::units::human_bytes(g.whole.slope_per_s),
+                last.t_s
+            )
+        })
     })
 }
 

@@ -33,6 +33,9 @@ pub enum Skip {
     /// Flag-only tests and one conditional branch (a NULL test whose taken path does nothing
     /// the probe needs to see, as in `free(NULL)`).
     NullTest,
+    /// A `lock`-prefixed first instruction, which the kernel refuses to probe (`lock incq` of
+    /// `enif_keep_resource`): the probe goes on the next one, arguments intact.
+    Locked,
 }
 
 /// Registers that carry arguments and the stack pointer: an instruction writing one of them
@@ -90,6 +93,12 @@ pub fn choose(code: &[u8], ip: u64, skip: Skip) -> Placement {
         if here.emulated {
             return here;
         }
+        if skip == Skip::Locked {
+            if i.has_lock_prefix() && !writes_kept(&i) {
+                continue;
+            }
+            return here;
+        }
         if skip == Skip::Nothing || writes_kept(&i) {
             break;
         }
@@ -143,6 +152,15 @@ mod tests {
         // Without permission to skip, the probe stays at +0, honestly dear.
         let p = choose(&free, 0x1000, Skip::Nothing);
         assert_eq!((p.offset, p.emulated), (0, false), "{p:?}");
+    }
+
+    #[test]
+    fn a_locked_first_instruction_is_stepped_over() {
+        // enif_keep_resource: lock incq -0x38(%rdi); ret
+        let keep = [0xf0, 0x48, 0xff, 0x47, 0xc8, 0xc3];
+        let p = choose(&keep, 0, Skip::Locked);
+        assert_eq!(p.offset, 5, "{p:?}");
+        assert!(p.instruction.starts_with("ret"), "{p:?}");
     }
 
     #[test]

@@ -213,6 +213,48 @@ pub const NATIVE_PROBES: &[NativeSpec] = &[
     native("native_mmap", "mmap", P::MMAP_ANON, false),
 ];
 
+/// NIF and driver API probes on beam.smp, in the same attach order (returns, releases,
+/// entries). Their memory is inside ERTS carriers: it names the NIF behind carrier growth.
+pub const NIF_API_PROBES: &[NativeSpec] = &[
+    native("nif_alloc_ret", "enif_alloc", P::NIF_ALLOC_RET, true),
+    native("nif_alloc_ret", "driver_alloc", P::NIF_ALLOC_RET, true),
+    native("nif_realloc_ret", "enif_realloc", P::NIF_REALLOC_RET, true),
+    native(
+        "nif_realloc_ret",
+        "driver_realloc",
+        P::NIF_REALLOC_RET,
+        true,
+    ),
+    native(
+        "nif_resource_ret",
+        "enif_alloc_resource",
+        P::NIF_RESOURCE_RET,
+        true,
+    ),
+    native("nif_free", "enif_free", P::NIF_FREE, false),
+    native("nif_free", "driver_free", P::NIF_FREE, false),
+    NativeSpec {
+        skip: Skip::Locked,
+        ..native("nif_keep", "enif_keep_resource", P::NIF_KEEP, false)
+    },
+    native(
+        "nif_release",
+        "enif_release_resource",
+        P::NIF_RELEASE,
+        false,
+    ),
+    native("nif_alloc", "enif_alloc", P::NIF_ALLOC, false),
+    native("nif_alloc", "driver_alloc", P::NIF_ALLOC, false),
+    native("nif_realloc", "enif_realloc", P::NIF_REALLOC, false),
+    native("nif_realloc", "driver_realloc", P::NIF_REALLOC, false),
+    native(
+        "nif_resource",
+        "enif_alloc_resource",
+        P::NIF_RESOURCE,
+        false,
+    ),
+];
+
 /// Symbols without which carrier tracing refuses to start.
 pub fn required_symbols(specs: &[ProbeSpec]) -> Vec<&'static str> {
     let mut symbols: Vec<&'static str> = specs
@@ -320,16 +362,23 @@ impl Tracer {
             .map_err(|e| format!("{e:#}"))
     }
 
-    /// Attaches the native probes to `libc` (a path the target maps, opened through
+    /// Attaches native probes `specs` to `binary` (a path the target maps, opened through
     /// `/proc/PID/root`) for process `pid`. Each entry probe goes on the first emulated
     /// instruction its arguments survive to; what was chosen is in the probe table. Fails only
-    /// when no allocation probe at all could attach.
-    pub fn attach_native(&mut self, libc: &Path, pid: u32) -> Result<(), String> {
+    /// when none of the `essential` programs attached.
+    pub fn attach_native(
+        &mut self,
+        binary: &Path,
+        pid: u32,
+        specs: &[NativeSpec],
+        essential: &[&str],
+    ) -> Result<(), String> {
+        let libc = binary;
         let pid = NonZeroU32::new(pid).ok_or("PID 0")?;
         let symbols =
             SymbolTable::read(libc, &libc.display().to_string()).map_err(|e| e.to_string())?;
         let mut seen: Vec<(&str, u64)> = Vec::new();
-        for spec in NATIVE_PROBES {
+        for spec in specs {
             let stat = ProbeSpec {
                 program: spec.program,
                 symbol: spec.symbol,
@@ -381,9 +430,10 @@ impl Tracer {
             let outcome = self.attach_at(spec.program, spec.symbol, offset, libc, pid);
             self.probes.push((stat, outcome));
         }
-        let any = self.probes.iter().any(|(s, r)| {
-            r.is_ok() && (s.program == "native_malloc" || s.program == "native_calloc")
-        });
+        let any = self
+            .probes
+            .iter()
+            .any(|(s, r)| r.is_ok() && essential.contains(&s.program));
         if any {
             Ok(())
         } else {

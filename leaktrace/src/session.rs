@@ -23,7 +23,7 @@ use crate::{
     ledger::{self, Accounted, Rss},
     lock::TargetLock,
     privilege,
-    probes::{CARRIER_PROBES, Detaching, Tracer, required_symbols},
+    probes::{CARRIER_PROBES, Detaching, NATIVE_PROBES, NIF_API_PROBES, Tracer, required_symbols},
     progress,
     recording::{EndReason, Recording, SCHEMA, Sources, Target},
     symbols::SymbolTable,
@@ -44,6 +44,8 @@ const CLOSING_CENSUS_WAIT_INTERRUPTED: Duration = Duration::from_millis(600);
 /// A traced process and what is known of its image.
 struct Traced {
     pid: u32,
+    /// The emulator file the probes go on.
+    image: PathBuf,
     target: Target,
     exe_for_maps: PathBuf,
     symbols: SymbolTable,
@@ -64,6 +66,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
             tracer.attach(&proc.image, &symbols, *pid, CARRIER_PROBES)?;
             let traced = Traced {
                 pid: *pid,
+                image: proc.image.clone(),
                 target: Target {
                     pid: *pid,
                     exe: proc.exe.display().to_string(),
@@ -103,6 +106,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
             let cmdline = target::read_cmdline(pid).unwrap_or_default();
             let traced = Traced {
                 pid,
+                image: beam.clone(),
                 target: Target {
                     pid,
                     exe: beam.display().to_string(),
@@ -172,7 +176,22 @@ impl NativeProbes {
         };
         // Through the target's root: the right file also for a node in a container.
         let path = PathBuf::from(format!("/proc/{}/root{libc}", traced.pid));
-        match tracer.attach_native(&path, traced.pid) {
+        let libc_probes = tracer.attach_native(
+            &path,
+            traced.pid,
+            NATIVE_PROBES,
+            &["native_malloc", "native_calloc"],
+        );
+        // The NIF API lives in beam.smp: its memory is inside carriers, its caller names the NIF.
+        if let Err(e) = tracer.attach_native(
+            &traced.image,
+            traced.pid,
+            NIF_API_PROBES,
+            &["nif_alloc", "nif_resource"],
+        ) {
+            log::warn!("NIF API probes: {e}");
+        }
+        match libc_probes {
             Ok(()) => {
                 self.ledger = Some(crate::native::NativeLedger::new(
                     traced.pid,

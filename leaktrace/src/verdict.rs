@@ -290,7 +290,14 @@ pub fn judge(rec: &Recording) -> Verdict {
     let vm = rec.vm.as_ref().filter(|v| !v.samples.is_empty());
     match vm {
         Some(vm) => {
-            vm_findings(vm, &trends, th, &mut candidates, &mut ruled_out);
+            vm_findings(
+                vm,
+                &trends,
+                th,
+                nif_api_growth(rec),
+                &mut candidates,
+                &mut ruled_out,
+            );
         }
         None => {
             let carriers_slope = trends.slope("carriers") + trends.slope("mseg_cache");
@@ -385,16 +392,22 @@ fn native_culprits(rec: &Recording, rss_slope: f64) -> Vec<Culprit> {
                 .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.module)? as f64)))
                 .collect();
             let g = growth(&pts, th)?;
+            let object = m.module.trim_end_matches(" (NIF API)");
             g.grows.then(|| Culprit {
                 kind: CulpritKind::Native,
                 name: match &m.function {
-                    Some(f) => format!("{}: {f}", m.module),
-                    None => m.module.clone(),
+                    Some(f) => format!("{object}: {f}"),
+                    None => object.to_owned(),
                 },
                 bytes: m.outstanding_bytes,
                 growth_bytes_per_s: g.whole.slope_per_s,
                 detail: Some(format!(
-                    "{} allocations, {} freed, {} outstanding since the probes attached; {} of the RSS growth{}",
+                    "{}{} allocations, {} freed, {} outstanding since the probes attached; {} of the RSS growth{}",
+                    if m.nif_api {
+                        "through the NIF API (enif_alloc, enif_alloc_resource kept and never released, driver_alloc), inside ERTS carriers: "
+                    } else {
+                        ""
+                    },
                     m.allocations,
                     m.frees,
                     human_bytes(m.outstanding_bytes as f64),
@@ -410,6 +423,26 @@ fn native_culprits(rec: &Recording, rss_slope: f64) -> Vec<Culprit> {
         .collect();
     out.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
     out
+}
+
+/// Growth of outstanding NIF API memory (inside carriers), bytes/s, over growing objects.
+fn nif_api_growth(rec: &Recording) -> f64 {
+    let Some(n) = rec.native.as_ref() else {
+        return 0.0;
+    };
+    n.modules
+        .iter()
+        .filter(|m| m.nif_api)
+        .filter_map(|m| {
+            let pts: Vec<(f64, f64)> = n
+                .series
+                .iter()
+                .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.module)? as f64)))
+                .collect();
+            let g = growth(&pts, &rec.thresholds)?;
+            g.grows.then_some(g.whole.slope_per_s)
+        })
+        .sum()
 }
 
 /// How balanced the native side was, in one sentence with numbers.
@@ -586,10 +619,25 @@ fn vm_findings(
     vm: &VmEvidence,
     trends: &Trends,
     th: &Thresholds,
+    nif_api_slope: f64,
     candidates: &mut Vec<Candidate>,
     ruled_out: &mut Vec<RuledOut>,
 ) {
     let used_slope = trends.slope("vm_used");
+    // The VM's used memory grows because a NIF keeps what it took through the NIF API: that is
+    // the native_leak finding, not VM growth.
+    if trends.grows("vm_used") && nif_api_slope >= th.explained_fraction * used_slope {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::VmGrowth,
+            reason: format!(
+                "{}, of which NIF API memory never released grows {}: that is the native_leak",
+                trends.describe("vm_used"),
+                rate(nif_api_slope)
+            ),
+        });
+        fragmentation_findings(vm, trends, th, candidates, ruled_out);
+        return;
+    }
     let census = erlang_culprits(vm, th);
     let dt = census_span(vm);
     let census_rate: f64 = census.iter().map(|c| c.growth_bytes_per_s.max(0.0)).sum();
@@ -652,6 +700,18 @@ fn vm_findings(
         });
     }
 
+    fragmentation_findings(vm, trends, th, candidates, ruled_out);
+}
+
+/// The fragmentation rule: free carrier space by level at the end, or growing.
+fn fragmentation_findings(
+    vm: &VmEvidence,
+    trends: &Trends,
+    th: &Thresholds,
+    candidates: &mut Vec<Candidate>,
+    ruled_out: &mut Vec<RuledOut>,
+) {
+    let used_slope = trends.slope("vm_used");
     // Fragmentation by level at the end of the run, per allocator.
     let last = vm.samples.last().expect("non-empty checked by caller");
     let mut fragmented: Vec<Culprit> = last

@@ -39,8 +39,13 @@ impl NativeEvidence {
 /// One object's native allocations since the probes attached.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NativeModule {
-    /// File name of the object (`lt_native.so`, `libcrypto.so.3`, `beam.smp`).
+    /// File name of the object (`lt_native.so`, `libcrypto.so.3`, `beam.smp`), with
+    /// " (NIF API)" for its allocations through enif_alloc, enif_alloc_resource, driver_alloc.
     pub module: String,
+    /// Allocated through the NIF/driver API: the memory is inside ERTS carriers (driver_alloc,
+    /// binary_alloc), so it is never in `native_outstanding`.
+    #[serde(default)]
+    pub nif_api: bool,
     /// Path as the target maps it.
     pub path: String,
     /// beam.smp itself: its libc use is ERTS carriers and internals, counted by the carrier
