@@ -291,7 +291,8 @@ pub fn auto_trigger(
         min_total_growth_bytes: th.min_total_growth_bytes / 2.0,
         ..*th
     };
-    let lines: [(&str, &str, fn(&crate::recording::Sample) -> Option<f64>); 2] = [
+    type Line = fn(&crate::recording::Sample) -> Option<f64>;
+    let lines: [(&str, &str, Line); 2] = [
         ("unexplained", "memory outside ERTS carriers", |s| {
             s.unexplained.map(|v| v as f64)
         }),
