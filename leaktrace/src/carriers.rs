@@ -1,11 +1,68 @@
 //! Carrier accounting from probe events: live carriers by address, net bytes per allocator
 //! since attach, and the OS mappings under them (whose surplus is the mseg cache).
+//!
+//! Two measures are kept side by side:
+//!
+//! * **mapped** bytes, from the events alone ([`CarrierLedger::carriers_net`],
+//!   [`CarrierLedger::mseg_cache_net`]): what was created minus what was destroyed since attach;
+//! * **resident** bytes ([`CarrierLedger::carriers_resident_net`],
+//!   [`CarrierLedger::mseg_cache_resident_net`]), measured at every sample from
+//!   `/proc/PID/pagemap` for exactly the address ranges of the carriers and cached segments
+//!   known by address. These are the ledger's `carriers` and `mseg_cache` lines, because they
+//!   are comparable with `rss_anon`: a fresh carrier is mapped long before its pages are
+//!   touched, and subtracting mapped sizes from RSS drifts `unexplained` below zero.
+//!
+//! # What the resident lines mean
+//!
+//! Both lines are *changes since attach*, like `rss_anon - baseline`. Leaktrace does not know
+//! the carriers that existed before it attached (their resident pages are inside `baseline`);
+//! it learns a pre-attach range only when an event names it. So each line is
+//!
+//! ```text
+//! line = resident(ranges of the line known now) - offset(line)
+//! ```
+//!
+//! where `offset` holds the resident bytes of pre-attach ERTS memory that left the unknown
+//! part of the line since attach:
+//!
+//! * **adopted**: a pre-attach range named by an event (an mseg carrier made before attach and
+//!   deallocated into the mseg cache; a pre-attach cached segment reused by `mseg_alloc`; a
+//!   pre-attach carrier moved by `mremap`; a literal carrier not in a mapping seen since
+//!   attach) is measured at the next sample and its resident bytes then go to the offset of
+//!   the line it belonged to at attach (the carrier's allocator, or the mseg cache). From
+//!   then on only its changes count, and when a range moves between lines (cache -> carrier)
+//!   the residency moves and the offset stays with the origin: the sum of the lines is exact,
+//!   the split says where the memory went.
+//! * **unmapped before measured**: a pre-attach segment unmapped before any sample saw it
+//!   (deallocated and unmapped in one interval) left RSS with its resident pages; its
+//!   residency is estimated from a pagemap snapshot of the anonymous writable mappings taken
+//!   at attach (without a snapshot: its mapped size).
+//!
+//! Memory that enters a carrier from malloc (`erts_sys_aligned_alloc`) gets no offset: it was
+//! memory outside ERTS carriers before, and is inside now, which is what `unexplained`
+//! (resident anonymous memory outside ERTS carriers, as a change since attach) must show.
+//!
+//! The two known gaps, both bounded by what existed at attach: pages touched after attach
+//! inside carriers that existed before attach and were never named by an event count as
+//! `unexplained` (at most the untouched part of the pre-attach carriers), and a malloc-backed
+//! carrier made before attach and freed after (`erts_sys_aligned_free` does not give the size)
+//! is not accounted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
 
 use leaktrace_common::{CarrierEvent, CarrierEventKind as K};
 
-use crate::recording::AllocatorCarriers;
+use crate::{
+    recording::AllocatorCarriers,
+    resident::{self, Pagemap, Presence, Range, RangeSet},
+};
+
+/// Largest address space the attach snapshot reads (anonymous writable mappings); a node
+/// mapping more gets no snapshot (about 3 ms per GiB).
+const ATTACH_SNAPSHOT_MAX: u64 = 64 << 30;
 
 /// Who owns a carrier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -16,6 +73,155 @@ pub enum CarrierOwner {
     SysAligned,
     /// A literal_alloc carrier (its own mapper).
     Literal,
+    /// Address space that looked like ERTS carriers or cached segments at attach (see
+    /// [`erts_like_mappings`]) and no event has named since: carriers made before attach.
+    PreAttach,
+}
+
+/// A ledger line that resident bytes are attributed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Line {
+    /// The carriers of one owner.
+    Carriers(CarrierOwner),
+    /// Mappings of the default mapper not holding a carrier (the mseg cache).
+    MsegCache,
+}
+
+/// What one residency measurement cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeasureCost {
+    /// Measurements made.
+    pub count: u64,
+    /// Time of the last one.
+    pub last: Duration,
+    /// Longest one.
+    pub max: Duration,
+    /// Address space read by the last one, bytes.
+    pub last_bytes: u64,
+    /// Ranges in the last one.
+    pub last_ranges: usize,
+}
+
+/// Resident-bytes state of the ledger (see the module documentation).
+#[derive(Debug, Default)]
+struct Residency {
+    /// Default-mapper mappings known by address: mapped since attach, or pre-attach segments
+    /// named by a carrier event. Minus the live carriers, this is the mseg cache.
+    segments: RangeSet,
+    /// Mappings (both mappers) made since attach, or moved from measured memory, and still
+    /// mapped: their pages are not pre-attach memory.
+    post_attach: RangeSet,
+    /// Pre-attach address space that looked like ERTS mappings at attach and is still mapped.
+    pre_attach: RangeSet,
+    /// Pre-attach ranges named by an event since the last measurement, with the line they
+    /// belonged to at attach. Measured (adopted) at the next measurement.
+    pending: Vec<(Range, Line)>,
+    /// The ranges measured last time (sorted, disjoint).
+    measured: Vec<Range>,
+    /// Resident bytes of pre-attach memory that left the unknown part of each line.
+    offset: BTreeMap<Line, u64>,
+    /// Resident bytes of each line's known ranges at the last measurement.
+    resident: BTreeMap<Line, u64>,
+    /// Mapped bytes of the mseg cache ranges at the last measurement.
+    cache_mapped: u64,
+    /// Present pages of the anonymous writable mappings at attach.
+    at_attach: Option<Presence>,
+    /// Bytes estimated from the attach snapshot (pre-attach segments unmapped unmeasured).
+    estimated_unmapped: u64,
+    pagemap: Option<Pagemap>,
+    /// Why residency could not be measured, if it could not.
+    error: Option<String>,
+    warned: bool,
+    cost: MeasureCost,
+}
+
+impl Residency {
+    /// A pre-attach range was named by an event: adopt it at the next measurement.
+    fn pend(&mut self, r: Range, origin: Line) {
+        if r.1 > r.0 {
+            self.pending.push((r, origin));
+        }
+    }
+
+    /// The line a pre-attach range belonged to at attach, as far as events since the last
+    /// measurement said (the earliest event naming it wins).
+    fn origin_of(&self, r: Range, default: Line) -> Line {
+        self.pending
+            .iter()
+            .find(|((s, e), _)| *s < r.1 && r.0 < *e)
+            .map_or(default, |(_, l)| *l)
+    }
+
+    /// A default-mapper range named by an mseg carrier event: pre-attach when not known.
+    fn learn_segment(&mut self, r: Range, origin: Line) {
+        if r.1 <= r.0 || self.segments.covers(r) {
+            return;
+        }
+        for piece in self.segments.missing(r) {
+            self.pend(piece, origin);
+        }
+        self.segments.insert(r);
+    }
+
+    fn mapped(&mut self, r: Range, default_mapper: bool) {
+        self.pre_attach.remove(r);
+        self.post_attach.insert(r);
+        if default_mapper {
+            self.segments.insert(r);
+        }
+    }
+
+    fn unmapped(&mut self, r: Range, default_mapper: bool) {
+        // Pre-attach memory no sample measured: it leaves RSS with pages we never saw.
+        let unseen = resident::subtract(&self.post_attach.missing(r), &self.measured);
+        let default = if default_mapper {
+            Line::MsegCache
+        } else {
+            Line::Carriers(CarrierOwner::Literal)
+        };
+        for piece in unseen {
+            let est = match &self.at_attach {
+                Some(p) => p.resident_bytes(piece),
+                None => piece.1 - piece.0,
+            };
+            let line = self.origin_of(piece, default);
+            *self.offset.entry(line).or_default() += est;
+            self.estimated_unmapped += est;
+        }
+        self.post_attach.remove(r);
+        self.pre_attach.remove(r);
+        if default_mapper {
+            self.segments.remove(r);
+        }
+    }
+
+    fn remapped(&mut self, old: Range, new: Range, default_mapper: bool) {
+        let measured = RangeSet::from_ranges(&self.measured);
+        let continuous = self
+            .post_attach
+            .missing(old)
+            .iter()
+            .all(|&piece| measured.covers(piece));
+        if !continuous {
+            let default = if default_mapper {
+                Line::MsegCache
+            } else {
+                Line::Carriers(CarrierOwner::Literal)
+            };
+            let origin = self.origin_of(old, default);
+            self.pend(new, origin);
+        }
+        self.post_attach.remove(old);
+        self.pre_attach.remove(old);
+        self.pre_attach.remove(new);
+        if continuous {
+            self.post_attach.insert(new);
+        }
+        if default_mapper {
+            self.segments.remove(old);
+            self.segments.insert(new);
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -37,6 +243,7 @@ pub struct CarrierLedger {
     unknown_frees: u64,
     events: u64,
     undecodable: u64,
+    res: Residency,
 }
 
 impl CarrierLedger {
@@ -63,28 +270,41 @@ impl CarrierLedger {
     }
 
     /// A carrier destroyed. `size` is what the call said (0 = not said: use what we saw).
-    fn destroyed(&mut self, owner: CarrierOwner, addr: u64, size: u64) {
+    /// Returns the size and whether the carrier was seen created, `None` when the size is
+    /// unknown.
+    fn destroyed(&mut self, owner: CarrierOwner, addr: u64, size: u64) -> Option<(u64, bool)> {
         let seen = self.live.remove(&addr);
         let size = match (size, seen) {
             (0, Some((_, s))) => s,
             (0, None) => {
                 self.unknown_frees += 1;
-                return;
+                return None;
             }
             (s, _) => s,
         };
         let t = self.totals.entry(owner).or_default();
         t.destroyed += 1;
         t.net_bytes -= size as i64;
+        Some((size, seen.is_some()))
     }
 
-    fn resized(&mut self, owner: CarrierOwner, old_addr: u64, old_size: u64, addr: u64, size: u64) {
-        let old_size = match (old_size, self.live.remove(&old_addr)) {
+    /// A carrier resized; returns the old size and whether the old carrier was seen.
+    fn resized(
+        &mut self,
+        owner: CarrierOwner,
+        old_addr: u64,
+        old_size: u64,
+        addr: u64,
+        size: u64,
+    ) -> (u64, bool) {
+        let seen = self.live.remove(&old_addr);
+        let old_size = match (old_size, seen) {
             (0, Some((_, s))) => s,
             (s, _) => s,
         };
         self.live.insert(addr, (owner, size));
         self.totals.entry(owner).or_default().net_bytes += size as i64 - old_size as i64;
+        (old_size, seen.is_some())
     }
 
     fn is_literal_mapping(&self, mapper: u64) -> bool {
@@ -98,52 +318,334 @@ impl CarrierLedger {
             self.undecodable += 1;
             return;
         };
+        let range = |addr: u64, size: u64| (addr, addr.saturating_add(size));
         match kind {
-            K::MsegAlloc => self.created(CarrierOwner::Mseg(ev.alloc_no), ev.addr, ev.size),
-            K::MsegDealloc => self.destroyed(CarrierOwner::Mseg(ev.alloc_no), ev.addr, ev.size),
-            K::MsegRealloc => self.resized(
-                CarrierOwner::Mseg(ev.alloc_no),
-                ev.old_addr,
-                ev.old_size,
-                ev.addr,
-                ev.size,
-            ),
+            K::MsegAlloc => {
+                let owner = CarrierOwner::Mseg(ev.alloc_no);
+                // A segment not mapped since attach: a pre-attach cached segment reused.
+                self.res
+                    .learn_segment(range(ev.addr, ev.size), Line::MsegCache);
+                self.created(owner, ev.addr, ev.size);
+            }
+            K::MsegDealloc => {
+                let owner = CarrierOwner::Mseg(ev.alloc_no);
+                if let Some((size, _)) = self.destroyed(owner, ev.addr, ev.size) {
+                    // Stays mapped (mseg cache) unless an unmap follows; a carrier made
+                    // before attach was part of its allocator's line then.
+                    self.res
+                        .learn_segment(range(ev.addr, size), Line::Carriers(owner));
+                }
+            }
+            K::MsegRealloc => {
+                let owner = CarrierOwner::Mseg(ev.alloc_no);
+                let (_, old_seen) = self.resized(owner, ev.old_addr, ev.old_size, ev.addr, ev.size);
+                let new = range(ev.addr, ev.size);
+                self.res.learn_segment(new, Line::Carriers(owner));
+                if !old_seen {
+                    // The pages moved by the mremap before it belonged to this carrier.
+                    for (r, l) in self.res.pending.iter_mut() {
+                        if r.0 < new.1 && new.0 < r.1 {
+                            *l = Line::Carriers(owner);
+                        }
+                    }
+                }
+            }
             K::SysAlignedAlloc => self.created(CarrierOwner::SysAligned, ev.addr, ev.size),
-            K::SysAlignedFree => self.destroyed(CarrierOwner::SysAligned, ev.addr, 0),
-            K::SysAlignedRealloc => self.resized(
-                CarrierOwner::SysAligned,
-                ev.old_addr,
-                ev.old_size,
-                ev.addr,
-                ev.size,
-            ),
-            K::LiteralAlloc => self.created(CarrierOwner::Literal, ev.addr, ev.size),
-            K::LiteralDealloc => self.destroyed(CarrierOwner::Literal, ev.addr, ev.size),
-            K::LiteralRealloc => self.resized(
-                CarrierOwner::Literal,
-                ev.old_addr,
-                ev.old_size,
-                ev.addr,
-                ev.size,
-            ),
-            K::Mmap if !self.is_literal_mapping(ev.mapper) => self.os_mapped_net += ev.size as i64,
-            K::Munmap if !self.is_literal_mapping(ev.mapper) => {
-                self.os_mapped_net -= ev.size as i64
+            K::SysAlignedFree => {
+                self.destroyed(CarrierOwner::SysAligned, ev.addr, 0);
             }
-            K::Mremap if !self.is_literal_mapping(ev.mapper) => {
-                self.os_mapped_net += ev.size as i64 - ev.old_size as i64
+            K::SysAlignedRealloc => {
+                self.resized(
+                    CarrierOwner::SysAligned,
+                    ev.old_addr,
+                    ev.old_size,
+                    ev.addr,
+                    ev.size,
+                );
             }
-            K::Mmap | K::Munmap | K::Mremap => {}
+            K::LiteralAlloc => {
+                let r = range(ev.addr, ev.size);
+                for piece in self.res.post_attach.missing(r) {
+                    self.res.pend(piece, Line::Carriers(CarrierOwner::Literal));
+                }
+                self.created(CarrierOwner::Literal, ev.addr, ev.size);
+            }
+            K::LiteralDealloc => {
+                if let Some((size, false)) = self.destroyed(CarrierOwner::Literal, ev.addr, ev.size)
+                {
+                    // Named for the unmap that may follow.
+                    self.res
+                        .pend(range(ev.addr, size), Line::Carriers(CarrierOwner::Literal));
+                }
+            }
+            K::LiteralRealloc => {
+                let (_, old_seen) = self.resized(
+                    CarrierOwner::Literal,
+                    ev.old_addr,
+                    ev.old_size,
+                    ev.addr,
+                    ev.size,
+                );
+                let new = range(ev.addr, ev.size);
+                if !old_seen {
+                    for piece in self.res.post_attach.missing(new) {
+                        self.res.pend(piece, Line::Carriers(CarrierOwner::Literal));
+                    }
+                }
+            }
+            K::Mmap => {
+                let default = !self.is_literal_mapping(ev.mapper);
+                if default {
+                    self.os_mapped_net += ev.size as i64;
+                }
+                self.res.mapped(range(ev.addr, ev.size), default);
+            }
+            K::Munmap => {
+                let default = !self.is_literal_mapping(ev.mapper);
+                if default {
+                    self.os_mapped_net -= ev.size as i64;
+                }
+                self.res.unmapped(range(ev.addr, ev.size), default);
+            }
+            K::Mremap => {
+                let default = !self.is_literal_mapping(ev.mapper);
+                if default {
+                    self.os_mapped_net += ev.size as i64 - ev.old_size as i64;
+                }
+                self.res.remapped(
+                    range(ev.old_addr, ev.old_size),
+                    range(ev.addr, ev.size),
+                    default,
+                );
+            }
         }
     }
 
-    /// Net carrier bytes since attach, all owners.
+    /// Measures the resident bytes of the known carrier and cached-segment ranges of `pid`
+    /// from its pagemap. The first call is the attach: it also snapshots the present pages of
+    /// the anonymous writable mappings. Returns false (and keeps the last figures) when the
+    /// pagemap cannot be read.
+    pub fn measure(&mut self, pid: u32) -> bool {
+        if self.res.pagemap.is_none() && self.res.error.is_none() {
+            match Pagemap::open(pid) {
+                Ok(mut pm) => {
+                    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                        .unwrap_or_default();
+                    let anon = resident::parse_anonymous_writable(&maps);
+                    self.res.at_attach = Some(anon)
+                        .filter(|m| resident::total(m) <= ATTACH_SNAPSHOT_MAX)
+                        .and_then(|m| pm.presence(&m).ok());
+                    self.set_pre_attach(&erts_like_mappings(&maps));
+                    self.res.pagemap = Some(pm);
+                }
+                Err(e) => self.res.error = Some(format!("/proc/{pid}/pagemap: {e}")),
+            }
+        }
+        let Some(mut pm) = self.res.pagemap.take() else {
+            return false;
+        };
+        let ok = self.measure_with(|ranges| pm.resident_bytes(ranges).ok());
+        self.res.pagemap = Some(pm);
+        ok
+    }
+
+    /// Sets the address space that looks like ERTS carriers and cached segments at attach
+    /// (before the first measurement, which adopts its resident bytes as the offset of the
+    /// pre-attach line).
+    pub fn set_pre_attach(&mut self, ranges: &[Range]) {
+        for &r in ranges {
+            self.res.pre_attach.insert(r);
+            self.res.pend(r, Line::Carriers(CarrierOwner::PreAttach));
+        }
+    }
+
+    /// Sets the present pages at attach, used to estimate pre-attach segments unmapped before
+    /// a measurement saw them.
+    pub fn set_attach_presence(&mut self, presence: Presence) {
+        self.res.at_attach = Some(presence);
+    }
+
+    /// [`CarrierLedger::measure`] with the residency read injected: `read` gives the resident
+    /// bytes of each range asked, in order, or `None` when it cannot.
+    pub fn measure_with(&mut self, read: impl FnOnce(&[Range]) -> Option<Vec<u64>>) -> bool {
+        let t0 = Instant::now();
+        let mut carriers: Vec<(Range, CarrierOwner)> = self
+            .live
+            .iter()
+            .map(|(&a, &(o, s))| ((a, a.saturating_add(s)), o))
+            .collect();
+        carriers.sort_unstable();
+        let carrier_union = resident::union(carriers.iter().map(|(r, _)| *r).collect());
+        let cache = resident::subtract(&self.res.segments.ranges(), &carrier_union);
+        let named = resident::union(carrier_union.iter().chain(&cache).copied().collect());
+        let pre = resident::subtract(&self.res.pre_attach.ranges(), &named);
+        let known = resident::union(named.iter().chain(&pre).copied().collect());
+
+        // Pre-attach ranges named since the last measurement and still known: adopt them.
+        let mut adopted = RangeSet::new();
+        let mut adopt: Vec<(Range, Line)> = Vec::new();
+        for (r, origin) in std::mem::take(&mut self.res.pending) {
+            let inside = resident::subtract(&[r], &resident::subtract(&[r], &known));
+            for piece in resident::subtract(&inside, &self.res.measured) {
+                for p in adopted.missing(piece) {
+                    adopt.push((p, origin));
+                }
+                adopted.insert(piece);
+            }
+        }
+
+        let mut ask: Vec<Range> =
+            Vec::with_capacity(carriers.len() + cache.len() + pre.len() + adopt.len());
+        ask.extend(carriers.iter().map(|(r, _)| *r));
+        ask.extend(&cache);
+        ask.extend(&pre);
+        ask.extend(adopt.iter().map(|(r, _)| *r));
+        let Some(got) = read(&ask) else {
+            return false;
+        };
+        if got.len() != ask.len() {
+            return false;
+        }
+        let mut resident: BTreeMap<Line, u64> = BTreeMap::new();
+        for ((_, owner), b) in carriers.iter().zip(&got) {
+            *resident.entry(Line::Carriers(*owner)).or_default() += b;
+        }
+        let rest = &got[carriers.len()..];
+        resident.insert(Line::MsegCache, rest[..cache.len()].iter().sum());
+        let rest = &rest[cache.len()..];
+        resident.insert(
+            Line::Carriers(CarrierOwner::PreAttach),
+            rest[..pre.len()].iter().sum(),
+        );
+        for ((_, origin), b) in adopt.iter().zip(&rest[pre.len()..]) {
+            *self.res.offset.entry(*origin).or_default() += b;
+        }
+        self.res.resident = resident;
+        self.res.cache_mapped = resident::total(&cache);
+        self.res.measured = known;
+        let took = t0.elapsed();
+        let c = &mut self.res.cost;
+        c.count += 1;
+        c.last = took;
+        c.max = c.max.max(took);
+        c.last_bytes = resident::total(&ask);
+        c.last_ranges = ask.len();
+        true
+    }
+
+    /// Resident-bytes line of `line`: resident now minus the offset (see the module docs).
+    fn resident_line(&self, line: Line) -> i64 {
+        self.res.resident.get(&line).copied().unwrap_or(0) as i64
+            - self.res.offset.get(&line).copied().unwrap_or(0) as i64
+    }
+
+    /// The ledger's `carriers` line: resident carrier bytes, net since attach, all owners.
+    pub fn carriers_resident_net(&self) -> i64 {
+        self.resident_lines()
+            .filter(|(l, _)| matches!(l, Line::Carriers(_)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// The ledger's `mseg_cache` line: resident bytes of the default mapper's mappings not
+    /// holding a carrier, net since attach.
+    pub fn mseg_cache_resident_net(&self) -> i64 {
+        self.resident_line(Line::MsegCache)
+    }
+
+    /// Every line with a value (resident or offset), resident net bytes.
+    fn resident_lines(&self) -> impl Iterator<Item = (Line, i64)> + '_ {
+        let mut lines: Vec<Line> = self
+            .res
+            .resident
+            .keys()
+            .chain(self.res.offset.keys())
+            .copied()
+            .collect();
+        lines.sort_unstable();
+        lines.dedup();
+        lines.into_iter().map(|l| (l, self.resident_line(l)))
+    }
+
+    /// Resident net carrier bytes by owner name (the `carriers_by_allocator` breakdown).
+    pub fn resident_by_name(&self, name: impl Fn(CarrierOwner) -> String) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for owner in self.totals.keys() {
+            out.entry(name(*owner)).or_insert(0);
+        }
+        for (line, v) in self.resident_lines() {
+            if let Line::Carriers(owner) = line {
+                *out.entry(name(owner)).or_insert(0) += v;
+            }
+        }
+        out
+    }
+
+    /// Resident bytes of the known carriers now (no offsets), all owners.
+    pub fn carriers_resident(&self) -> u64 {
+        self.res
+            .resident
+            .iter()
+            .filter(|(l, _)| matches!(l, Line::Carriers(_)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Mapped bytes of the live carriers known by address.
+    pub fn carriers_mapped(&self) -> u64 {
+        self.live.values().map(|(_, s)| s).sum()
+    }
+
+    /// Resident and mapped bytes of the cached segments known by address, at the last
+    /// measurement.
+    pub fn mseg_cache_known(&self) -> (u64, u64) {
+        (
+            self.res
+                .resident
+                .get(&Line::MsegCache)
+                .copied()
+                .unwrap_or(0),
+            self.res.cache_mapped,
+        )
+    }
+
+    /// Bytes of pre-attach segments unmapped before a sample measured them, as estimated.
+    pub fn estimated_unmapped(&self) -> u64 {
+        self.res.estimated_unmapped
+    }
+
+    /// Why residency is not measured, if it is not.
+    pub fn residency_error(&self) -> Option<&str> {
+        self.res.error.as_deref()
+    }
+
+    /// Why residency is not measured, once: `None` on later calls.
+    pub fn take_residency_warning(&mut self) -> Option<String> {
+        if self.res.warned {
+            return None;
+        }
+        self.res.warned = true;
+        Some(
+            self.res
+                .error
+                .clone()
+                .unwrap_or_else(|| "reading the target's pagemap failed".into()),
+        )
+    }
+
+    /// What the residency measurements cost.
+    pub fn measure_cost(&self) -> MeasureCost {
+        self.res.cost
+    }
+
+    /// Net carrier bytes since attach, all owners (mapped sizes).
     pub fn carriers_net(&self) -> i64 {
         self.totals.values().map(|t| t.net_bytes).sum()
     }
 
-    /// OS mappings of the default mapper not holding an mseg carrier, net since attach: mseg
-    /// keeps deallocated carriers mapped in its cache, and a cache hit maps nothing.
+    /// OS mappings of the default mapper not holding an mseg carrier, net since attach (mapped
+    /// sizes): mseg keeps deallocated carriers mapped in its cache, and a cache hit maps
+    /// nothing.
     pub fn mseg_cache_net(&self) -> i64 {
         let mseg: i64 = self
             .totals
@@ -177,7 +679,7 @@ impl CarrierLedger {
         })
     }
 
-    /// Net bytes by owner name.
+    /// Net bytes by owner name (mapped sizes).
     pub fn net_by_name(&self, name: impl Fn(CarrierOwner) -> String) -> BTreeMap<String, i64> {
         let mut out = BTreeMap::new();
         for (owner, t) in &self.totals {
@@ -209,6 +711,60 @@ impl CarrierLedger {
     }
 }
 
+/// Alignment of ERTS mseg segments on 64-bit (`ERTS_SUPERALIGNED_SIZE`, 256 KiB): both ends
+/// of every segment the default and literal mappers make are multiples of it.
+pub const ERTS_SEGMENT_ALIGN: u64 = 1 << 18;
+
+/// glibc's `HEAP_MAX_SIZE` on 64-bit: malloc arenas other than the main one are heaps of this
+/// size, aligned to it.
+const GLIBC_HEAP_MAX: u64 = 64 << 20;
+
+/// The anonymous writable mappings of a `/proc/PID/maps` text that look like ERTS carriers
+/// or cached segments made before attach: both ends aligned to [`ERTS_SEGMENT_ALIGN`]
+/// (adjacent segments merge into one VMA, which keeps that property), not `[heap]` or
+/// `[stack]`, and not a glibc arena heap (aligned to 64 MiB, and either 64 MiB long or
+/// followed by its inaccessible reserve up to the next 64 MiB). Thread stacks, malloc's
+/// mmapped chunks and the rest of what a NIF maps are page-aligned but almost never
+/// 256 KiB-aligned at both ends.
+pub fn erts_like_mappings(maps: &str) -> Vec<Range> {
+    struct Vma {
+        s: u64,
+        e: u64,
+        rw_anon: bool,
+        reserve: bool,
+    }
+    let vmas: Vec<Vma> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (s, e) = f.next()?.split_once('-')?;
+            let perms = f.next()?;
+            let path = f.nth(3).unwrap_or("");
+            Some(Vma {
+                s: u64::from_str_radix(s, 16).ok()?,
+                e: u64::from_str_radix(e, 16).ok()?,
+                rw_anon: perms.starts_with("rw") && perms.ends_with('p') && path.is_empty(),
+                reserve: perms == "---p" && path.is_empty(),
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (i, v) in vmas.iter().enumerate() {
+        if !v.rw_anon || v.s % ERTS_SEGMENT_ALIGN != 0 || v.e % ERTS_SEGMENT_ALIGN != 0 {
+            continue;
+        }
+        let arena = v.s % GLIBC_HEAP_MAX == 0
+            && (v.e - v.s == GLIBC_HEAP_MAX
+                || vmas
+                    .get(i + 1)
+                    .is_some_and(|n| n.reserve && n.s == v.e && n.e == v.s + GLIBC_HEAP_MAX));
+        if !arena {
+            out.push((v.s, v.e));
+        }
+    }
+    out
+}
+
 /// Names carrier owners; mseg allocator numbers through the VM's own table when read.
 #[derive(Clone, Debug, Default)]
 pub struct OwnerNames {
@@ -228,6 +784,7 @@ impl OwnerNames {
                 .unwrap_or_else(|| format!("allocator#{n}")),
             CarrierOwner::SysAligned => "sys_aligned (malloc-backed carriers)".into(),
             CarrierOwner::Literal => "literal_alloc".into(),
+            CarrierOwner::PreAttach => "carriers from before attach (not yet named)".into(),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod probes;
 pub mod progress;
 pub mod recording;
 pub mod report;
+pub mod resident;
 pub mod session;
 pub mod symbols;
 pub mod target;

@@ -205,13 +205,8 @@ impl NativeLedger {
             .sum()
     }
 
-    /// The key of a site's object in the per-object figures: NIF API memory apart.
     fn module_key(s: &Site) -> String {
-        if s.nif_api {
-            format!("{} (NIF API)", s.module)
-        } else {
-            s.module.clone()
-        }
+        crate::recording::native::series_key(&s.module, s.nif_api)
     }
 
     /// Records the per-object outstanding bytes at `t_s`.
@@ -230,7 +225,7 @@ impl NativeLedger {
             let (m, functions) = by.entry(Self::module_key(s)).or_insert_with(|| {
                 (
                     NativeModule {
-                        module: Self::module_key(s),
+                        module: s.module.clone(),
                         path: s.path.clone(),
                         nif_api: s.nif_api,
                         is_emulator: s.module == self.emulator,
@@ -255,6 +250,13 @@ impl NativeLedger {
                 f.truncate(10);
                 m.function = f.first().map(|(n, _)| n.clone());
                 m.functions = f;
+                let key = m.series_key();
+                let pts: Vec<(f64, f64)> = self
+                    .series
+                    .iter()
+                    .filter_map(|p| Some((p.t_s, *p.by_module.get(&key)? as f64)))
+                    .collect();
+                m.growth_bytes_per_s = crate::trend::fit(&pts).map_or(0.0, |f| f.slope_per_s);
                 m
             })
             .collect();

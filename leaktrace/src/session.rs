@@ -279,13 +279,28 @@ impl Learned {
     }
 }
 
-fn accounted(ledger: &CarrierLedger, names: &OwnerNames, carriers_live: bool) -> Accounted {
+fn accounted(
+    ledger: &mut CarrierLedger,
+    names: &OwnerNames,
+    carriers_live: bool,
+    pid: u32,
+) -> Accounted {
+    // Resident bytes of the carrier and cached-segment ranges (pagemap), comparable with
+    // rss_anon; the mapped sizes stay in the CarrierLedger. Unmeasurable residency (pagemap
+    // unreadable) leaves the lines unmeasured rather than mapped.
+    let measured = carriers_live && ledger.measure(pid);
+    if carriers_live
+        && !measured
+        && let Some(why) = ledger.take_residency_warning()
+    {
+        log::warn!("carrier residency not measured: {why}");
+    }
     Accounted {
-        carriers: carriers_live.then(|| ledger.carriers_net()),
-        mseg_cache: carriers_live.then(|| ledger.mseg_cache_net()),
+        carriers: measured.then(|| ledger.carriers_resident_net()),
+        mseg_cache: measured.then(|| ledger.mseg_cache_resident_net()),
         native_outstanding: None,
-        carriers_by_allocator: if carriers_live {
-            ledger.net_by_name(|o| names.name(o))
+        carriers_by_allocator: if measured {
+            ledger.resident_by_name(|o| names.name(o))
         } else {
             Default::default()
         },
@@ -319,7 +334,7 @@ async fn sample_loop(
         0.0,
         rss0,
         baseline,
-        accounted(&ledger, &learned.names, carriers_live),
+        accounted(&mut ledger, &learned.names, carriers_live, traced.pid),
     );
     vm.request(0.0, 0);
     let mut samples = vec![first];
@@ -355,7 +370,7 @@ async fn sample_loop(
                     t_s,
                     rss,
                     baseline,
-                    accounted(&ledger, &learned.names, carriers_live),
+                    accounted(&mut ledger, &learned.names, carriers_live, traced.pid),
                 );
                 // VM figures arrive from the worker when the node answers; the loop never waits.
                 vm.request(t_s, samples.len());
@@ -467,6 +482,7 @@ async fn sample_loop(
             native_probes: native_evidence
                 .as_ref()
                 .is_some_and(|n| n.attached_at_s.is_some()),
+            nif_api_probes: probes.iter().any(|p| p.attached && p.name == "nif_alloc"),
             vm_connection,
             ..Default::default()
         },

@@ -389,10 +389,10 @@ fn native_culprits(rec: &Recording, rss_slope: f64) -> Vec<Culprit> {
             let pts: Vec<(f64, f64)> = n
                 .series
                 .iter()
-                .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.module)? as f64)))
+                .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.series_key())? as f64)))
                 .collect();
             let g = growth(&pts, th)?;
-            let object = m.module.trim_end_matches(" (NIF API)");
+            let object = m.module.as_str();
             g.grows.then(|| Culprit {
                 kind: CulpritKind::Native,
                 name: match &m.function {
@@ -437,7 +437,7 @@ fn nif_api_growth(rec: &Recording) -> f64 {
             let pts: Vec<(f64, f64)> = n
                 .series
                 .iter()
-                .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.module)? as f64)))
+                .filter_map(|p| Some((p.t_s, *p.by_module.get(&m.series_key())? as f64)))
                 .collect();
             let g = growth(&pts, &rec.thresholds)?;
             g.grows.then_some(g.whole.slope_per_s)

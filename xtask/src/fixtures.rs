@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 
 use crate::shell::{self, step};
 
-/// Compiles lt_nif.so and the .beam files; returns their directory.
+/// Compiles lt_nif.so, lt_native.so (linking liblt_leaklib.so) and the .beam files; returns
+/// their directory.
 pub fn build() -> anyhow::Result<PathBuf> {
     let root = shell::workspace_root();
     let src = root.join("leaktrace/tests/fixtures");
@@ -40,9 +41,43 @@ pub fn build() -> anyhow::Result<PathBuf> {
             .arg(src.join("lt_nif.c"))
             .arg(format!("-I{erl_root}/usr/include")),
     )?;
+    // The native-attribution NIF and the plain library it links (found by its rpath).
+    shell::run(
+        Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
+            .arg(out.join("liblt_leaklib.so"))
+            .arg(src.join("lt_leaklib.c")),
+    )?;
+    shell::run(
+        Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
+            .arg(out.join("lt_native.so"))
+            .arg(src.join("lt_native.c"))
+            .arg(format!("-I{erl_root}/usr/include"))
+            .arg(format!("-L{}", out.display()))
+            .arg("-llt_leaklib")
+            .arg(format!("-Wl,-rpath,{}", out.display()))
+            .arg("-pthread"),
+    )?;
+    // The native bench NIF (`cargo xtask bench --native`).
+    shell::run(
+        Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
+            .arg(out.join("lt_churn.so"))
+            .arg(src.join("lt_churn.c"))
+            .arg(format!("-I{erl_root}/usr/include")),
+    )?;
     let mut erlc = Command::new("erlc");
     erlc.arg("-o").arg(&out);
-    for module in ["lt_nif", "lt_load", "lt_vm", "lt_bench", "lt_prod"] {
+    for module in [
+        "lt_nif",
+        "lt_native",
+        "lt_load",
+        "lt_vm",
+        "lt_bench",
+        "lt_prod",
+        "lt_churn",
+    ] {
         erlc.arg(src.join(format!("{module}.erl")));
     }
     shell::run(&mut erlc)?;

@@ -39,8 +39,7 @@ impl NativeEvidence {
 /// One object's native allocations since the probes attached.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NativeModule {
-    /// File name of the object (`lt_native.so`, `libcrypto.so.3`, `beam.smp`), with
-    /// " (NIF API)" for its allocations through enif_alloc, enif_alloc_resource, driver_alloc.
+    /// File name of the object (`lt_native.so`, `libcrypto.so.3`, `beam.smp`).
     pub module: String,
     /// Allocated through the NIF/driver API: the memory is inside ERTS carriers (driver_alloc,
     /// binary_alloc), so it is never in `native_outstanding`.
@@ -61,9 +60,28 @@ pub struct NativeModule {
     pub outstanding_bytes: i64,
     /// Distinct call sites.
     pub sites: u64,
+    /// Least-squares growth of `outstanding_bytes` over the samples since attach.
+    #[serde(default)]
+    pub growth_bytes_per_s: f64,
     /// Outstanding bytes per function (symbolized sites), largest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub functions: Vec<(String, i64)>,
+}
+
+impl NativeModule {
+    /// Its key in [`NativePoint::by_module`]: NIF API memory apart from the object's libc use.
+    pub fn series_key(&self) -> String {
+        series_key(&self.module, self.nif_api)
+    }
+}
+
+/// The key of an object's figures in [`NativePoint::by_module`].
+pub fn series_key(module: &str, nif_api: bool) -> String {
+    if nif_api {
+        format!("{module} (NIF API)")
+    } else {
+        module.to_owned()
+    }
 }
 
 /// Outstanding bytes per object at one sample.
