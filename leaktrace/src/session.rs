@@ -221,12 +221,16 @@ impl NativeProbes {
     }
 
     /// The evidence for the recording (None with `--native off`).
-    fn finish(self, tracer: &Tracer) -> Option<crate::recording::NativeEvidence> {
+    fn finish(mut self, tracer: &Tracer) -> Option<crate::recording::NativeEvidence> {
         if self.mode == NativeMode::Off && self.ledger.is_none() && self.attached_at_s.is_none() {
             return (self.reason != "--native off").then(|| crate::recording::NativeEvidence {
                 reason: self.reason,
                 ..Default::default()
             });
+        }
+        // The totals as they stand at the end (the last sample can be up to an interval old).
+        if let Some(l) = self.ledger.as_mut() {
+            l.update(tracer.native_sites());
         }
         let mut e = match &self.ledger {
             Some(l) => l.evidence(self.attached_at_s, self.reason),

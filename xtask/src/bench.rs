@@ -2,6 +2,7 @@
 //! untraced and under `leaktrace run`, alternating round by round, and medians are compared.
 //! Then the VM view's own cost: one-shot censuses and a traced run against a node holding many
 //! idle processes, measured as the node's CPU time above its idle rate.
+//! `--native` measures the native (libc) probes instead, against a memleak-style bpftrace script.
 use std::{
     fs,
     io::Read,
@@ -28,6 +29,19 @@ pub struct BenchArgs {
     /// Idle processes on the node whose VM view cost is measured (0 skips that section).
     #[arg(long, default_value_t = 100_000)]
     census_processes: u32,
+    /// Measure the native probes instead (only this section runs): a NIF's malloc/free churn
+    /// untraced, under `leaktrace run --native on` and under a memleak-style bpftrace script.
+    #[arg(long)]
+    native: bool,
+    /// Native workload: NIF calls per node run.
+    #[arg(long, default_value_t = 250_000)]
+    native_calls: u32,
+    /// Native workload: malloc+write+free pairs per NIF call.
+    #[arg(long, default_value_t = 16)]
+    native_pairs: u32,
+    /// Native workload: bytes per malloc.
+    #[arg(long, default_value_t = 24_576)]
+    native_bytes: u32,
 }
 
 /// One traced run's figures from its report.
@@ -45,6 +59,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let leaktrace = setup::build_release()?;
     let dir = fixtures::build()?;
+    if args.native {
+        return native(args, &leaktrace, &dir);
+    }
     let scratch = shell::workspace_root().join("target/leaktrace-bench");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     shell::step(&format!(
@@ -563,4 +580,433 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+// `--native`: the native (libc) probes on a NIF's malloc/free churn, against the same workload
+// untraced and under a memleak-style bpftrace script, alternating round by round.
+
+/// The memleak-style baseline; `:LIBC:` in its probes stands for the target's libc.
+const MEMLEAK_BT: &str = include_str!("memleak.bt");
+/// What an emulated uprobe trap (`push`, `nop`) costs on this machine, in µs (ARCHITECTURE.md,
+/// "Measured on this machine").
+const TRAP_FLOOR_US: f64 = 0.9;
+/// Per-event cost target, as a multiple of the trap floor.
+const FLOOR_TARGET: f64 = 1.2;
+/// Entries of bpftrace's maps (BPFTRACE_MAP_KEYS_MAX; its default is 4096): as many as
+/// leaktrace's outstanding map holds (`native_limits::OUTSTANDING`).
+const BPFTRACE_MAP_KEYS: u32 = 1 << 19;
+
+/// The native workload: `lt_churn:run(Calls, N, Bytes, OutFile)`.
+#[derive(Clone, Copy)]
+struct Churn {
+    calls: u32,
+    pairs: u32,
+    bytes: u32,
+}
+
+impl Churn {
+    fn eval(&self, out: &Path) -> String {
+        format!(
+            "lt_churn:run({}, {}, {}, \"{}\").",
+            self.calls,
+            self.pairs,
+            self.bytes,
+            out.display()
+        )
+    }
+
+    /// malloc/free pairs the workload makes.
+    fn total(&self) -> u64 {
+        u64::from(self.calls) * u64::from(self.pairs)
+    }
+}
+
+/// One `leaktrace run --native on` round.
+struct NativeRun {
+    elapsed_us: f64,
+    /// Hits of the native probes: each program once (one program may be listed for several
+    /// symbols, with the same counter), the largest count listed for it.
+    events: u64,
+    outstanding_full: u64,
+    modules: usize,
+    /// Sum of the modules' outstanding bytes at the end of the run.
+    outstanding_bytes: i64,
+    unknown_frees: u64,
+    /// Allocations and frees attributed to lt_churn.so.
+    churn_allocations: u64,
+    churn_frees: u64,
+    peak_rss: u64,
+    events_lost: u64,
+}
+
+/// One memleak-style bpftrace round.
+struct MemleakRun {
+    elapsed_us: f64,
+    /// Hits of its probes (entries, returns and frees), as the script counted them.
+    events: u64,
+    allocations: u64,
+    frees: u64,
+}
+
+/// Runs the native section and prints its table.
+fn native(args: &BenchArgs, leaktrace: &Path, dir: &Path) -> anyhow::Result<()> {
+    if args.native_calls == 0 || args.native_pairs == 0 || args.native_bytes == 0 {
+        bail!("--native-calls, --native-pairs and --native-bytes must be at least 1");
+    }
+    let churn = Churn {
+        calls: args.native_calls,
+        pairs: args.native_pairs,
+        bytes: args.native_bytes,
+    };
+    // Round 0 starts and halts the node without calls: it warms up, and its hits (node startup
+    // and halt, which the timed workload does not include) are subtracted from the others.
+    let idle = Churn { calls: 0, ..churn };
+    let scratch = shell::workspace_root().join("target/leaktrace-bench/native");
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    if scratch.to_string_lossy().contains(char::is_whitespace) {
+        // `bpftrace -c` splits its command line at spaces.
+        bail!(
+            "the bench directory {} holds whitespace, which `bpftrace -c` cannot take",
+            scratch.display()
+        );
+    }
+    which::which("bpftrace")
+        .context("bpftrace not found: `cargo xtask setup` installs it (Debian package bpftrace)")?;
+    let libc = target_libc()?;
+    let script = scratch.join("memleak.bt");
+    fs::write(
+        &script,
+        MEMLEAK_BT.replace(":LIBC:", &format!(":{}:", libc.display())),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    shell::step(&format!(
+        "bench --native: {} calls x {} malloc({})+write+free ({} pairs), {} measured rounds after \
+         one idle round (0 calls); libc {}",
+        churn.calls,
+        churn.pairs,
+        churn.bytes,
+        churn.total(),
+        args.rounds,
+        libc.display()
+    ));
+    let (mut plain, mut traced, mut memleak) = (Vec::new(), Vec::new(), Vec::new());
+    let mut idle_hits = (0, 0);
+    for round in 0..=args.rounds {
+        let work = if round == 0 { idle } else { churn };
+        let p = churn_untraced(dir, &scratch, work)?;
+        let t = churn_under_leaktrace(leaktrace, dir, &scratch, work)?;
+        let m = churn_under_memleak(dir, &scratch, &script, work)?;
+        eprintln!(
+            "    {} untraced {:8.1} ms   leaktrace {:8.1} ms ({} hits, outstanding_full {})   \
+             memleak-style {:8.1} ms ({} hits)",
+            if round == 0 { "idle    " } else { "measured" },
+            p / 1e3,
+            t.elapsed_us / 1e3,
+            t.events,
+            t.outstanding_full,
+            m.elapsed_us / 1e3,
+            m.events
+        );
+        if round == 0 {
+            idle_hits = (t.events, m.events);
+        } else {
+            plain.push(p);
+            traced.push(t);
+            memleak.push(m);
+        }
+    }
+
+    let plain_ms = median(plain.iter().copied()) / 1e3;
+    let rows = [
+        (
+            "leaktrace --native on",
+            median(traced.iter().map(|t| t.elapsed_us)) / 1e3,
+            median(traced.iter().map(|t| t.events as f64)) - idle_hits.0 as f64,
+        ),
+        (
+            "memleak-style bpftrace",
+            median(memleak.iter().map(|m| m.elapsed_us)) / 1e3,
+            median(memleak.iter().map(|m| m.events as f64)) - idle_hits.1 as f64,
+        ),
+    ];
+    // (added ms, µs per event) of each tracer
+    let costs: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|(_, ms, events)| (ms - plain_ms, (ms - plain_ms) * 1e3 / events))
+        .collect();
+    println!(
+        "leaktrace bench --native (lt_churn: {} calls x {} malloc({})+write+free = {:.2} M pairs; \
+         medians of {} rounds)",
+        churn.calls,
+        churn.pairs,
+        churn.bytes,
+        churn.total() as f64 / 1e6,
+        args.rounds
+    );
+    println!(
+        "  {:<24}{:>12}{:>9}{:>12}{:>10}{:>11}{:>11}{:>10}",
+        "", "median", "ratio", "added", "events", "events/s", "µs/event", "µs/pair"
+    );
+    println!(
+        "  {:<24}{:>9.1} ms{:>8.3}x{:>12}{:>10}{:>11}{:>11}{:>10}",
+        "untraced", plain_ms, 1.0, "—", "—", "—", "—", "—"
+    );
+    for ((name, ms, events), (added, per_event)) in rows.iter().zip(&costs) {
+        println!(
+            "  {:<24}{:>9.1} ms{:>8.3}x{:>9.1} ms{:>8.2} M{:>9.2} M{:>11.3}{:>10.3}",
+            name,
+            ms,
+            ms / plain_ms,
+            added,
+            events / 1e6,
+            events / 1e6 / (ms / 1e3),
+            per_event,
+            added * 1e3 / churn.total() as f64
+        );
+    }
+    println!(
+        "  events: probe hits of the timed workload = hits of the run - hits of the idle run \
+         (node startup and halt: leaktrace {}, memleak-style {}); leaktrace counts its native_ \
+         programs, memleak-style its entry, return and free probes; the workload's own share \
+         is 3 a pair ({:.2} M)",
+        idle_hits.0,
+        idle_hits.1,
+        3.0 * churn.total() as f64 / 1e6
+    );
+    let last = traced.last().context("no measured round")?;
+    println!(
+        "  leaktrace outstanding map: outstanding_full {} (max of rounds), {} modules, {} \
+         outstanding at the end, {} unknown frees (last round)",
+        traced.iter().map(|t| t.outstanding_full).max().unwrap_or(0),
+        last.modules,
+        mib(last.outstanding_bytes.max(0) as u64),
+        last.unknown_frees
+    );
+    println!(
+        "  leaktrace attribution: lt_churn.so {} allocations, {} frees (the workload made {} \
+         of each; last round)",
+        last.churn_allocations,
+        last.churn_frees,
+        churn.total()
+    );
+    println!(
+        "  leaktrace tracer peak RSS {} (max of rounds), events lost {} (total)",
+        mib(traced.iter().map(|t| t.peak_rss).max().unwrap_or(0)),
+        traced.iter().map(|t| t.events_lost).sum::<u64>()
+    );
+    let m_last = memleak.last().context("no measured round")?;
+    println!(
+        "  memleak-style counted {} allocations, {} non-NULL frees (last round)",
+        m_last.allocations, m_last.frees
+    );
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let (lt_added, lt_event) = costs[0];
+    let (ml_added, _) = costs[1];
+    println!(
+        "  target: leaktrace native overhead at most half of memleak-style's: {:.1} ms vs {:.1} ms \
+         added ({:.3}x): {}",
+        lt_added,
+        ml_added,
+        lt_added / ml_added,
+        verdict(lt_added <= 0.5 * ml_added)
+    );
+    println!(
+        "  target: per-event cost within {FLOOR_TARGET}x of the emulated-trap floor (~{TRAP_FLOOR_US} µs \
+         here): {:.3} µs ({:.2}x): {}",
+        lt_event,
+        lt_event / TRAP_FLOOR_US,
+        verdict(lt_event <= FLOOR_TARGET * TRAP_FLOOR_US)
+    );
+    Ok(())
+}
+
+/// The libc beam.smp links (`ldd` on the emulator of the `erl` on PATH).
+fn target_libc() -> anyhow::Result<std::path::PathBuf> {
+    let out = shell::output(Command::new("erl").args([
+        "-noshell",
+        "-eval",
+        "io:format(\"~s/erts-~s/bin/beam.smp\", [code:root_dir(), erlang:system_info(version)]), \
+         halt().",
+    ]))?;
+    let beam = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || !Path::new(&beam).is_file() {
+        bail!("`erl` did not name its beam.smp (got {beam:?})");
+    }
+    let out = shell::output(Command::new("ldd").arg(&beam))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let libc = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(" => "))
+        .find(|(name, _)| name.starts_with("libc.so"))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .with_context(|| format!("`ldd {beam}` names no libc: {text}"))?;
+    fs::canonicalize(libc).with_context(|| format!("resolving {libc}"))
+}
+
+fn churn_untraced(dir: &Path, scratch: &Path, churn: Churn) -> anyhow::Result<f64> {
+    let out = scratch.join("untraced.us");
+    let _ = fs::remove_file(&out);
+    let status = fixtures::erl(dir, &[], &churn.eval(&out))
+        .stdin(Stdio::null())
+        .status()
+        .context("running the untraced native workload")?;
+    if !status.success() {
+        bail!("the untraced native workload failed ({status})");
+    }
+    elapsed(&out)
+}
+
+fn churn_under_leaktrace(
+    leaktrace: &Path,
+    dir: &Path,
+    scratch: &Path,
+    churn: Churn,
+) -> anyhow::Result<NativeRun> {
+    let out = scratch.join("leaktrace.us");
+    let _ = fs::remove_file(&out);
+    let report_dir = scratch.join("report");
+    let erl = fixtures::erl(dir, &[], &churn.eval(&out));
+    let mut cmd = Command::new(leaktrace);
+    cmd.args([
+        "run",
+        "--native",
+        "on",
+        "--no-vm",
+        "--quiet",
+        "--duration",
+        "1h",
+        "--out",
+    ])
+    .arg(&report_dir)
+    .arg("--")
+    .arg(erl.get_program())
+    .args(erl.get_args())
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    let status = cmd.status().context("running leaktrace")?;
+    // Verdicts exit 0, 1 or 3; 2 is an error.
+    if status.code() == Some(2) || status.code().is_none() {
+        bail!("`{}` failed ({status})", shell::show(&cmd));
+    }
+    let text = fs::read_to_string(report_dir.join("report.json"))
+        .context("reading the native bench report")?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).context("parsing the native bench report")?;
+    let mut hits = std::collections::BTreeMap::<&str, u64>::new();
+    for probe in report["probes"].as_array().into_iter().flatten() {
+        if let Some(name) = probe["name"].as_str().filter(|n| n.starts_with("native_")) {
+            let h = probe["hits"].as_u64().unwrap_or(0);
+            let max = hits.entry(name).or_default();
+            *max = (*max).max(h);
+        }
+    }
+    if hits.is_empty() {
+        bail!(
+            "`{}` reported no native_ probes (report {})",
+            shell::show(&cmd),
+            report_dir.join("report.json").display()
+        );
+    }
+    let native = &report["native"];
+    let modules = native["modules"].as_array().map_or(&[][..], Vec::as_slice);
+    let churn_module = modules
+        .iter()
+        .filter(|m| m["module"].as_str() == Some("lt_churn.so"));
+    let (churn_allocations, churn_frees) = churn_module.fold((0, 0), |(a, f), m| {
+        (
+            a + m["allocations"].as_u64().unwrap_or(0),
+            f + m["frees"].as_u64().unwrap_or(0),
+        )
+    });
+    Ok(NativeRun {
+        elapsed_us: elapsed(&out)?,
+        events: hits.values().sum(),
+        outstanding_full: native["outstanding_full"].as_u64().unwrap_or(0),
+        modules: modules.len(),
+        outstanding_bytes: modules
+            .iter()
+            .filter_map(|m| m["outstanding_bytes"].as_i64())
+            .sum(),
+        unknown_frees: native["unknown_frees"].as_u64().unwrap_or(0),
+        churn_allocations,
+        churn_frees,
+        peak_rss: report["tracer"]["peak_rss"].as_u64().unwrap_or(0),
+        events_lost: report["losses"]["events_lost"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Runs the workload under the memleak-style script: `bpftrace -c` starts the node itself once
+/// its probes are attached, through a shell script that execs `erl` (the node keeps that PID).
+fn churn_under_memleak(
+    dir: &Path,
+    scratch: &Path,
+    script: &Path,
+    churn: Churn,
+) -> anyhow::Result<MemleakRun> {
+    let out = scratch.join("memleak.us");
+    let _ = fs::remove_file(&out);
+    let erl = fixtures::erl(dir, &[], &churn.eval(&out));
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let line = std::iter::once(erl.get_program())
+        .chain(erl.get_args())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let node = scratch.join("memleak-node.sh");
+    fs::write(&node, format!("#!/bin/sh\nexec {line}\n"))
+        .with_context(|| format!("writing {}", node.display()))?;
+    let mut cmd = Command::new("bpftrace");
+    cmd.args(["-f", "json", "-c"])
+        .arg(format!("/bin/sh {}", node.display()))
+        .arg(script)
+        .env("BPFTRACE_MAP_KEYS_MAX", BPFTRACE_MAP_KEYS.to_string())
+        .stdin(Stdio::null());
+    let output = shell::output(&mut cmd)?;
+    if !output.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            shell::show(&cmd),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    // One JSON object a line; the maps come as {"type": "map", "data": {"@name": value}}.
+    let (mut events, mut allocations, mut frees) = (0, 0, 0);
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["type"] != "map" {
+            continue;
+        }
+        let data = &v["data"];
+        if let Some(hits) = data["@hits"].as_object() {
+            events = hits.values().filter_map(serde_json::Value::as_u64).sum();
+        }
+        if let Some(n) = data["@allocations"].as_u64() {
+            allocations = n;
+        }
+        if let Some(n) = data["@frees"].as_u64() {
+            frees = n;
+        }
+    }
+    if events == 0 {
+        bail!(
+            "`{}` counted no probe hits: {}",
+            shell::show(&cmd),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(MemleakRun {
+        elapsed_us: elapsed(&out).with_context(|| {
+            format!(
+                "under `{}`: {}",
+                shell::show(&cmd),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )
+        })?,
+        events,
+        allocations,
+        frees,
+    })
 }

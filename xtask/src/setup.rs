@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("erlang-tools", "standard tools of a typical node"),
     ("gcc", "compiles the test NIFs"),
     ("bpftool", "inspects loaded eBPF programs in tests"),
+    (
+        "bpftrace",
+        "runs the memleak-style baseline of `cargo xtask bench --native`",
+    ),
 ];
 
 /// bpf-linker release known to build against the nightly's LLVM with the pinned aya.
