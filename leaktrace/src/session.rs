@@ -44,6 +44,8 @@ const CLOSING_CENSUS_WAIT_INTERRUPTED: Duration = Duration::from_millis(600);
 /// A traced process and what is known of its image.
 struct Traced {
     pid: u32,
+    /// Start time of the process (clock ticks after boot): a reused PID has another one.
+    start_time: Option<u64>,
     /// The emulator file the probes go on.
     image: PathBuf,
     target: Target,
@@ -66,6 +68,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
             tracer.attach(&proc.image, &symbols, *pid, CARRIER_PROBES)?;
             let traced = Traced {
                 pid: *pid,
+                start_time: target::start_time(*pid),
                 image: proc.image.clone(),
                 target: Target {
                     pid: *pid,
@@ -106,6 +109,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
             let cmdline = target::read_cmdline(pid).unwrap_or_default();
             let traced = Traced {
                 pid,
+                start_time: target::start_time(pid),
                 image: beam.clone(),
                 target: Target {
                     pid,
@@ -259,13 +263,20 @@ fn fill_vm_figures(samples: &mut [crate::recording::Sample], figures: Vec<Ledger
 struct Learned {
     names: OwnerNames,
     names_read: bool,
+    /// Looks at the target's mappings left: a beam.smp without `erts_literal_mmapper` must not
+    /// have its maps re-read every drain for the whole run.
+    tries_left: u32,
 }
+
+/// How many drains (50 ms apart) the image is looked for: ten seconds.
+const LEARN_TRIES: u32 = 200;
 
 impl Learned {
     fn learn(&mut self, traced: &Traced, ledger: &mut CarrierLedger) {
-        if self.names_read && ledger.knows_literal_mapper() {
+        if (self.names_read && ledger.knows_literal_mapper()) || self.tries_left == 0 {
             return;
         }
+        self.tries_left -= 1;
         let Some(view) = ImageView::find(traced.pid, &traced.exe_for_maps, &traced.symbols) else {
             return;
         };
@@ -324,6 +335,7 @@ async fn sample_loop(
     let mut learned = Learned {
         names: OwnerNames::default(),
         names_read: false,
+        tries_left: LEARN_TRIES,
     };
     learned.learn(&traced, &mut ledger);
 
@@ -367,7 +379,9 @@ async fn sample_loop(
                 learned.learn(&traced, &mut ledger);
                 tracer.drain(|ev| ledger.apply(&ev));
                 let exited = traced.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-                let rss: Option<Rss> = if exited { None } else { ledger::read_rss(traced.pid) };
+                // A PID the kernel gave to another process since attach is not our target.
+                let reused = target::start_time(traced.pid) != traced.start_time;
+                let rss: Option<Rss> = if exited || reused { None } else { ledger::read_rss(traced.pid) };
                 let Some(rss) = rss else { break EndReason::TargetExited };
                 let t_s = start.elapsed().as_secs_f64();
                 let s = ledger::sample(

@@ -8,6 +8,15 @@ use std::{
 
 use crate::error::Error;
 
+/// Start time of a process in clock ticks after boot (`/proc/PID/stat` field 22), `None` when
+/// it is gone. The pair (PID, start time) names one process for its whole life.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// A beam.smp process we may trace.
 #[derive(Clone, Debug)]
 pub struct TargetProcess {
@@ -144,6 +153,14 @@ mod tests {
             Err(Error::NoSuchProcess { pid }) => assert_eq!(pid, 99_999_999),
             other => panic!("expected NoSuchProcess, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn start_time_names_one_process() {
+        let me = start_time(std::process::id()).unwrap();
+        assert!(me > 0);
+        assert_eq!(start_time(std::process::id()), Some(me));
+        assert_eq!(start_time(u32::MAX), None);
     }
 
     #[test]
