@@ -175,6 +175,31 @@ fn node_without_allocators_recording_is_judged_from_the_census() {
 }
 
 #[test]
+fn two_problems_at_once_are_two_findings() {
+    // An ETS table growing ~7 MiB/s and a NIF leaking ~3 MiB/s in one node: the table is the
+    // verdict, the NIF's leak is reported beside it with its culprit, not ruled out.
+    let (_, r) = judged("two_problems.json", &[]);
+    assert_eq!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    assert_eq!(top_culprit(&r), ("ets_table".into(), "lt_growing".into()));
+    let also = r["verdict"]["secondary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "native_leak")
+        .unwrap_or_else(|| panic!("native_leak not reported beside: {:#}", r["verdict"]));
+    assert_eq!(also["culprits"][0]["name"], "lt_nif.so: leak", "{also:#}");
+    assert!(
+        !r["verdict"]["ruled_out"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["kind"] == "native_leak"),
+        "{:#}",
+        r["verdict"]
+    );
+}
+
+#[test]
 fn carrier_growth_without_the_vm_view_is_inconclusive_and_says_why() {
     let (code, r) = judged("carriers_no_vm.json", &[]);
     assert_eq!(kind(&r), "inconclusive", "{:#}", r["verdict"]);

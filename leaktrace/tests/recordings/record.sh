@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Re-records the replay recordings from live scenarios (as root, after `cargo xtask build` and a
 # `cargo xtask test` run that compiled the fixtures into target/tmp/beam-fixtures).
-# `record.sh new` records only the scenarios added last.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 LT=target/release/leaktrace
@@ -22,14 +21,19 @@ record() { # name eval duration [leaktrace options...]
     echo "$name: $("$LT" report "$OUT/$name.json" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["verdict"]["kind"])')"
 }
 
-[ "${1:-}" = new ] || {
+# No argument: every scenario; `new`: from the second round on; `two`: the last one only.
+STAGE=${1:-all}
+[ "$STAGE" != all ] || {
 record native_leak 'lt_load:leak_forever(262144, 20).' 12s
 record healthy 'lt_load:healthy_forever(10).' 12s
 record fragmentation 'lt_vm:fragment(400000, 40).' 8s
 record vm_growth_ets 'lt_vm:grow_table(4000, 50).' 12s
 record carriers_no_vm 'lt_vm:grow_table(4000, 50).' 12s --no-vm
 }
+[ "$STAGE" = two ] || {
 record persistent_term_cache 'lt_prod:persistent_cache(4000, 10).' 12s
 record leaked_workers 'lt_prod:leak_workers(500, 100).' 12s
 record binary_holder 'lt_prod:binary_holder(2097152, 500, 200).' 12s
 ERL_EXTRA="+Mea min" record meamin_ets 'lt_vm:grow_table(4000, 50).' 12s
+}
+record two_problems 'spawn(fun() -> lt_load:leak_forever(65536, 20) end), lt_vm:grow_table(800, 50).' 14s
