@@ -146,6 +146,10 @@ pub mod counter {
     pub const HITS_BASE: u32 = 8;
     /// Size of the counter array.
     pub const LEN: u32 = 64;
+    /// User stacks not recorded (`--stacks`): `bpf_get_stackid` failed (the stack map full, or
+    /// its hash bucket held by another stack: -EEXIST; an unreadable stack: -EFAULT), or the
+    /// (site, stack) map was full. The last slot, past the probe hit counters.
+    pub const STACK_ERRORS: u32 = LEN - 1;
 }
 
 /// Probe ids, used for hit counters (`counter::HITS_BASE + id`).
@@ -258,6 +262,8 @@ pub struct NativePending {
     pub ptr: u64,
     /// `bpf_ktime_get_ns()` at entry.
     pub ts_ns: u64,
+    /// User stack of the call in the `STACKS` map (`--stacks`), or [`NO_STACK`].
+    pub stack_id: i64,
 }
 
 /// A native allocation not yet freed, keyed by its address.
@@ -270,6 +276,8 @@ pub struct NativeOutstanding {
     pub site: u64,
     /// `bpf_ktime_get_ns()` at allocation.
     pub ts_ns: u64,
+    /// User stack of the allocating call, or [`NO_STACK`].
+    pub stack_id: i64,
 }
 
 /// Set in a site key when the allocation went through the NIF/driver API (enif_alloc,
@@ -287,6 +295,8 @@ pub struct NifResource {
     pub site: u64,
     /// References taken by the NIF code (alloc and keeps) minus releases.
     pub refs: u64,
+    /// User stack of the allocating call, or [`NO_STACK`].
+    pub stack_id: i64,
 }
 
 /// Totals of one allocation site (a return address), updated in the kernel: userspace reads a
@@ -312,6 +322,37 @@ pub mod native_limits {
     pub const SITES: u32 = 1 << 16;
     /// Threads with a call in flight.
     pub const PENDING: u32 = 1 << 14;
+    /// Distinct user stacks kept (`--stacks`).
+    pub const STACKS: u32 = 1 << 14;
+    /// (site, stack) pairs with totals (`--stacks`).
+    pub const STACK_SITES: u32 = 1 << 14;
+    /// Frames the kernel walks and keeps per stack: `--stacks` allows at most this many.
+    pub const STACK_DEPTH: u32 = 32;
+}
+
+/// `stack_id` of a call whose user stack was not captured (`--stacks 0`, or the capture failed).
+pub const NO_STACK: i64 = -1;
+
+const _: () = assert!(counter::HITS_BASE + probe_id::COUNT <= counter::STACK_ERRORS);
+
+/// Indices into the 1-element-per-option `NATIVE_CONFIG` array, written by userspace before the
+/// native probes attach.
+pub mod native_config {
+    /// Frames of user stack to capture per native allocation call (0: none, `--stacks`).
+    pub const STACK_DEPTH: u32 = 0;
+    /// Size of the array.
+    pub const LEN: u32 = 1;
+}
+
+/// Key of the per-(site, stack) totals (`STACK_SITES`): a site with each user stack it was
+/// reached by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackSiteKey {
+    /// Site key, as in `NATIVE_SITES` (with [`NIF_API_SITE`] for NIF API calls).
+    pub site: u64,
+    /// Stack id in the `STACKS` map (never [`NO_STACK`] here).
+    pub stack_id: i64,
 }
 
 #[cfg(feature = "user")]
@@ -320,3 +361,5 @@ unsafe impl aya::Pod for CarrierEvent {}
 unsafe impl aya::Pod for PendingCall {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NativeSite {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for StackSiteKey {}

@@ -1,11 +1,15 @@
 //! Maps shared by all probe families, and the counters every probe bumps.
 
+use core::cell::UnsafeCell;
+
 use aya_ebpf::{
+    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_STACK_TRACE},
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use leaktrace_common::{
-    NativeOutstanding, NativePending, NativeSite, NifResource, PendingCall, counter, native_limits,
+    NativeOutstanding, NativePending, NativeSite, NifResource, PendingCall, StackSiteKey, counter,
+    native_config, native_limits,
 };
 
 /// Carrier events to userspace. Carrier calls are rare (hundreds a second on a busy node),
@@ -37,6 +41,45 @@ pub static NATIVE_SITES: PerCpuHashMap<u64, NativeSite> =
 #[map]
 pub static NIF_RESOURCES: HashMap<u64, NifResource> =
     HashMap::with_max_entries(native_limits::OUTSTANDING, 0);
+
+/// Options userspace writes before attaching the native probes (indices in `native_config`).
+#[map]
+pub static NATIVE_CONFIG: Array<u32> = Array::with_max_entries(native_config::LEN, 0);
+
+/// A stack trace map of `native_limits::STACK_DEPTH` frames a stack: aya's `StackTrace` holds
+/// 127, four times the memory (the map is preallocated, also when `--stacks` is off), and the
+/// kernel walks as many frames as a value holds.
+#[repr(transparent)]
+pub struct StackMap(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the definition is only read (by the loader, which relocates references to it).
+unsafe impl Sync for StackMap {}
+
+impl StackMap {
+    /// The map, for `bpf_get_stackid`.
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut core::ffi::c_void {
+        self.0.get().cast()
+    }
+}
+
+/// User stacks of native allocation calls (`--stacks`), by stack id: return addresses,
+/// innermost first, zero-filled past the last frame.
+#[map]
+pub static STACKS: StackMap = StackMap(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_STACK_TRACE,
+    key_size: size_of::<u32>() as u32,
+    value_size: native_limits::STACK_DEPTH * size_of::<u64>() as u32,
+    max_entries: native_limits::STACKS,
+    map_flags: 0,
+    id: 0,
+    pinning: 0,
+}));
+
+/// Totals per (site, user stack), per CPU, as `NATIVE_SITES` per site (`--stacks`).
+#[map]
+pub static STACK_SITES: PerCpuHashMap<StackSiteKey, NativeSite> =
+    PerCpuHashMap::with_max_entries(native_limits::STACK_SITES, 0);
 
 /// Per-CPU counters: losses, errors and probe hits (indices in `leaktrace_common::counter`).
 #[map]

@@ -5,21 +5,29 @@
 //! site (the return address of the call) in the per-CPU `NATIVE_SITES`; a free finds the allocation, credits
 //! its site and forgets it. Userspace reads the sites each interval.
 //!
+//! With `--stacks N` the entry probes also capture the user stack (`bpf_get_stackid`, frame
+//! pointers, best effort) and the totals are kept per (site, stack) too, in `STACK_SITES`.
+//!
 //! One call in flight per thread: the outermost allocation call. glibc's realloc(NULL, n) calls
 //! malloc, and malloc may call mmap: the inner calls find the slot taken and are not counted,
 //! so every byte is counted once, at the caller's site.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stackid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    NIF_API_SITE, NativeOutstanding, NativePending, NativeSite, NifResource, counter, probe_id as P,
+    NIF_API_SITE, NO_STACK, NativeOutstanding, NativePending, NativeSite, NifResource,
+    StackSiteKey, counter, native_config, probe_id as P,
 };
 
-use crate::maps::{NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES, NIF_RESOURCES, bump, hit};
+use crate::maps::{
+    NATIVE_CONFIG, NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES, NIF_RESOURCES, STACK_SITES,
+    STACKS, bump, hit,
+};
 
 /// A pending call older than this lost its return (longjmp, thread killed): replaced.
 const STALE_NS: u64 = 1_000_000_000;
@@ -46,7 +54,7 @@ fn site(ctx: &ProbeContext) -> u64 {
 }
 
 /// Saves the call unless an outer allocation call of this thread is in flight.
-fn enter(probe: u32, size: u64, site: u64, ptr: u64) {
+fn enter(ctx: &ProbeContext, probe: u32, size: u64, site: u64, ptr: u64) {
     let call = NativePending {
         probe,
         _pad: 0,
@@ -54,12 +62,14 @@ fn enter(probe: u32, size: u64, site: u64, ptr: u64) {
         site,
         ptr,
         ts_ns: now(),
+        stack_id: NO_STACK,
     };
     let key = tid();
     if NATIVE_PENDING
         .insert(&key, &call, BPF_NOEXIST as u64)
         .is_ok()
     {
+        capture(ctx, key);
         return;
     }
     // Taken: by an outer call (nested: not counted), or by a call whose return never came.
@@ -69,7 +79,30 @@ fn enter(probe: u32, size: u64, site: u64, ptr: u64) {
         bump(counter::NATIVE_STALE_PENDING);
         if NATIVE_PENDING.insert(&key, &call, BPF_ANY as u64).is_err() {
             bump(counter::MAP_FULL);
+            return;
         }
+        capture(ctx, key);
+    }
+}
+
+/// With `--stacks`: the user stack of the call just saved for thread `key`, into its slot.
+/// Only the outermost call pays for the walk (a nested call never gets here).
+fn capture(ctx: &ProbeContext, key: u32) {
+    let on = NATIVE_CONFIG
+        .get(native_config::STACK_DEPTH)
+        .is_some_and(|depth| *depth > 0);
+    if !on {
+        return;
+    }
+    // The kernel walks frame pointers from the registers at the probe: frame 0 is the probe's
+    // own address; frames of code without frame pointers are skipped or end the walk.
+    let id = unsafe { bpf_get_stackid(ctx.as_ptr(), STACKS.as_ptr(), BPF_F_USER_STACK as u64) };
+    if id < 0 {
+        bump(counter::STACK_ERRORS);
+        return;
+    }
+    if let Some(call) = NATIVE_PENDING.get_ptr_mut(&key) {
+        unsafe { (*call).stack_id = id };
     }
 }
 
@@ -97,6 +130,49 @@ fn site_entry(site: u64) -> Option<*mut NativeSite> {
     s
 }
 
+/// This CPU's totals of `site` reached by stack `stack_id` (None without a stack).
+fn stack_entry(site: u64, stack_id: i64) -> Option<*mut NativeSite> {
+    if stack_id < 0 {
+        return None;
+    }
+    let key = StackSiteKey { site, stack_id };
+    if let Some(s) = STACK_SITES.get_ptr_mut(&key) {
+        return Some(s);
+    }
+    let _ = STACK_SITES.insert(&key, &NativeSite::default(), BPF_NOEXIST as u64);
+    let s = STACK_SITES.get_ptr_mut(&key);
+    if s.is_none() {
+        bump(counter::STACK_ERRORS);
+    }
+    s
+}
+
+/// Counts an allocation of `size` bytes in a site's (or a site and stack's) totals.
+fn add_allocation(s: *mut NativeSite, size: u64) {
+    unsafe {
+        add(&raw mut (*s).allocations, 1);
+        add(&raw mut (*s).bytes_allocated, size);
+    }
+}
+
+/// Counts a free of `size` bytes in a site's (or a site and stack's) totals.
+fn add_free(s: *mut NativeSite, size: u64) {
+    unsafe {
+        add(&raw mut (*s).frees, 1);
+        add(&raw mut (*s).bytes_freed, size);
+    }
+}
+
+/// Credits a free of an allocation made at `site` by stack `stack_id` (the stack's totals).
+fn stack_freed(site: u64, stack_id: i64, size: u64) {
+    if stack_id < 0 {
+        return;
+    }
+    if let Some(s) = STACK_SITES.get_ptr_mut(&StackSiteKey { site, stack_id }) {
+        add_free(s, size);
+    }
+}
+
 /// Adds `v` to a counter of this CPU's copy of a site.
 fn add(slot: *mut u64, v: u64) {
     // SAFETY: `slot` points into this CPU's value of a per-CPU map: no other CPU writes it,
@@ -104,16 +180,23 @@ fn add(slot: *mut u64, v: u64) {
     unsafe { *slot += v };
 }
 
-/// Records an allocation of `size` bytes at `ptr` made from `site`.
-fn allocated(ptr: u64, size: u64, site: u64) {
+/// Records an allocation of `size` bytes at `ptr` made by `call` (its site and stack).
+fn allocated(ptr: u64, call: &NativePending) {
+    let (size, site) = (call.size, call.site);
     if ptr == 0 {
         return;
     }
     let Some(s) = site_entry(site) else { return };
+    let mut stack_id = call.stack_id;
+    let by_stack = stack_entry(site, stack_id);
+    if by_stack.is_none() {
+        stack_id = NO_STACK;
+    }
     let entry = NativeOutstanding {
         size,
         site,
         ts_ns: now(),
+        stack_id,
     };
     if NATIVE_OUTSTANDING
         .insert(&ptr, &entry, BPF_ANY as u64)
@@ -122,9 +205,9 @@ fn allocated(ptr: u64, size: u64, site: u64) {
         bump(counter::NATIVE_OUTSTANDING_FULL);
         return;
     }
-    unsafe {
-        add(&raw mut (*s).allocations, 1);
-        add(&raw mut (*s).bytes_allocated, size);
+    add_allocation(s, size);
+    if let Some(t) = by_stack {
+        add_allocation(t, size);
     }
 }
 
@@ -140,11 +223,9 @@ fn freed(ptr: u64) {
         return;
     }
     if let Some(s) = NATIVE_SITES.get_ptr_mut(&entry.site) {
-        unsafe {
-            add(&raw mut (*s).frees, 1);
-            add(&raw mut (*s).bytes_freed, entry.size);
-        }
+        add_free(s, entry.size);
     }
+    stack_freed(entry.site, entry.stack_id, entry.size);
 }
 
 fn ret(ctx: &RetProbeContext) -> u64 {
@@ -156,7 +237,7 @@ fn ret(ctx: &RetProbeContext) -> u64 {
 #[uprobe]
 pub fn native_malloc(ctx: ProbeContext) -> u32 {
     hit(P::MALLOC);
-    enter(P::MALLOC, arg(&ctx, 0), site(&ctx), 0);
+    enter(&ctx, P::MALLOC, arg(&ctx, 0), site(&ctx), 0);
     0
 }
 
@@ -164,7 +245,7 @@ pub fn native_malloc(ctx: ProbeContext) -> u32 {
 pub fn native_malloc_ret(ctx: RetProbeContext) -> u32 {
     hit(P::MALLOC_RET);
     if let Some(call) = leave(P::MALLOC) {
-        allocated(ret(&ctx), call.size, call.site);
+        allocated(ret(&ctx), &call);
     }
     0
 }
@@ -182,7 +263,7 @@ pub fn native_calloc(ctx: ProbeContext) -> u32 {
     } else {
         u64::MAX
     };
-    enter(P::CALLOC, bytes, site(&ctx), 0);
+    enter(&ctx, P::CALLOC, bytes, site(&ctx), 0);
     0
 }
 
@@ -190,7 +271,7 @@ pub fn native_calloc(ctx: ProbeContext) -> u32 {
 pub fn native_calloc_ret(ctx: RetProbeContext) -> u32 {
     hit(P::CALLOC_RET);
     if let Some(call) = leave(P::CALLOC) {
-        allocated(ret(&ctx), call.size, call.site);
+        allocated(ret(&ctx), &call);
     }
     0
 }
@@ -200,7 +281,7 @@ pub fn native_calloc_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn native_realloc(ctx: ProbeContext) -> u32 {
     hit(P::REALLOC);
-    enter(P::REALLOC, arg(&ctx, 1), site(&ctx), arg(&ctx, 0));
+    enter(&ctx, P::REALLOC, arg(&ctx, 1), site(&ctx), arg(&ctx, 0));
     0
 }
 
@@ -219,7 +300,7 @@ pub fn native_realloc_ret(ctx: RetProbeContext) -> u32 {
         freed(call.ptr);
     }
     if call.size != 0 {
-        allocated(new, call.size, call.site);
+        allocated(new, &call);
     }
     0
 }
@@ -229,7 +310,7 @@ pub fn native_realloc_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn native_memalign(ctx: ProbeContext) -> u32 {
     hit(P::MEMALIGN);
-    enter(P::MEMALIGN, arg(&ctx, 1), site(&ctx), 0);
+    enter(&ctx, P::MEMALIGN, arg(&ctx, 1), site(&ctx), 0);
     0
 }
 
@@ -237,7 +318,7 @@ pub fn native_memalign(ctx: ProbeContext) -> u32 {
 pub fn native_memalign_ret(ctx: RetProbeContext) -> u32 {
     hit(P::MEMALIGN_RET);
     if let Some(call) = leave(P::MEMALIGN) {
-        allocated(ret(&ctx), call.size, call.site);
+        allocated(ret(&ctx), &call);
     }
     0
 }
@@ -247,7 +328,13 @@ pub fn native_memalign_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn native_posix_memalign(ctx: ProbeContext) -> u32 {
     hit(P::POSIX_MEMALIGN);
-    enter(P::POSIX_MEMALIGN, arg(&ctx, 2), site(&ctx), arg(&ctx, 0));
+    enter(
+        &ctx,
+        P::POSIX_MEMALIGN,
+        arg(&ctx, 2),
+        site(&ctx),
+        arg(&ctx, 0),
+    );
     0
 }
 
@@ -261,7 +348,7 @@ pub fn native_posix_memalign_ret(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     match unsafe { bpf_probe_read_user(call.ptr as *const u64) } {
-        Ok(ptr) => allocated(ptr, call.size, call.site),
+        Ok(ptr) => allocated(ptr, &call),
         Err(_) => bump(counter::PROBE_ERRORS),
     }
     0
@@ -285,7 +372,7 @@ pub fn native_free(ctx: ProbeContext) -> u32 {
 pub fn native_mmap(ctx: ProbeContext) -> u32 {
     hit(P::MMAP_ANON);
     if arg(&ctx, 3) & MAP_ANONYMOUS != 0 {
-        enter(P::MMAP_ANON, arg(&ctx, 1), site(&ctx), 0);
+        enter(&ctx, P::MMAP_ANON, arg(&ctx, 1), site(&ctx), 0);
     }
     0
 }
@@ -297,7 +384,7 @@ pub fn native_mmap_ret(ctx: RetProbeContext) -> u32 {
         let addr = ret(&ctx);
         // MAP_FAILED is (void *)-1.
         if addr != u64::MAX {
-            allocated(addr, call.size, call.site);
+            allocated(addr, &call);
         }
     }
     0
@@ -325,7 +412,13 @@ pub fn native_munmap(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn nif_alloc(ctx: ProbeContext) -> u32 {
     hit(P::NIF_ALLOC);
-    enter(P::NIF_ALLOC, arg(&ctx, 0), site(&ctx) | NIF_API_SITE, 0);
+    enter(
+        &ctx,
+        P::NIF_ALLOC,
+        arg(&ctx, 0),
+        site(&ctx) | NIF_API_SITE,
+        0,
+    );
     0
 }
 
@@ -333,7 +426,7 @@ pub fn nif_alloc(ctx: ProbeContext) -> u32 {
 pub fn nif_alloc_ret(ctx: RetProbeContext) -> u32 {
     hit(P::NIF_ALLOC_RET);
     if let Some(call) = leave(P::NIF_ALLOC) {
-        allocated(ret(&ctx), call.size, call.site);
+        allocated(ret(&ctx), &call);
     }
     0
 }
@@ -356,6 +449,7 @@ pub fn nif_free(ctx: ProbeContext) -> u32 {
 pub fn nif_realloc(ctx: ProbeContext) -> u32 {
     hit(P::NIF_REALLOC);
     enter(
+        &ctx,
         P::NIF_REALLOC,
         arg(&ctx, 1),
         site(&ctx) | NIF_API_SITE,
@@ -378,7 +472,7 @@ pub fn nif_realloc_ret(ctx: RetProbeContext) -> u32 {
         freed(call.ptr);
     }
     if call.size != 0 {
-        allocated(new, call.size, call.site);
+        allocated(new, &call);
     }
     0
 }
@@ -388,7 +482,13 @@ pub fn nif_realloc_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn nif_resource(ctx: ProbeContext) -> u32 {
     hit(P::NIF_RESOURCE);
-    enter(P::NIF_RESOURCE, arg(&ctx, 1), site(&ctx) | NIF_API_SITE, 0);
+    enter(
+        &ctx,
+        P::NIF_RESOURCE,
+        arg(&ctx, 1),
+        site(&ctx) | NIF_API_SITE,
+        0,
+    );
     0
 }
 
@@ -405,18 +505,24 @@ pub fn nif_resource_ret(ctx: RetProbeContext) -> u32 {
     let Some(s) = site_entry(call.site) else {
         return 0;
     };
+    let mut stack_id = call.stack_id;
+    let by_stack = stack_entry(call.site, stack_id);
+    if by_stack.is_none() {
+        stack_id = NO_STACK;
+    }
     let entry = NifResource {
         size: call.size,
         site: call.site,
         refs: 1,
+        stack_id,
     };
     if NIF_RESOURCES.insert(&ptr, &entry, BPF_ANY as u64).is_err() {
         bump(counter::NATIVE_OUTSTANDING_FULL);
         return 0;
     }
-    unsafe {
-        add(&raw mut (*s).allocations, 1);
-        add(&raw mut (*s).bytes_allocated, call.size);
+    add_allocation(s, call.size);
+    if let Some(t) = by_stack {
+        add_allocation(t, call.size);
     }
     0
 }
@@ -451,13 +557,12 @@ pub fn nif_release(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let entry = unsafe { *r };
-    if NIF_RESOURCES.remove(&ptr).is_ok()
-        && let Some(s) = NATIVE_SITES.get_ptr_mut(&entry.site)
-    {
-        unsafe {
-            add(&raw mut (*s).frees, 1);
-            add(&raw mut (*s).bytes_freed, entry.size);
-        }
+    if NIF_RESOURCES.remove(&ptr).is_err() {
+        return 0;
     }
+    if let Some(s) = NATIVE_SITES.get_ptr_mut(&entry.site) {
+        add_free(s, entry.size);
+    }
+    stack_freed(entry.site, entry.stack_id, entry.size);
     0
 }

@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Launch, NativeMode, ReportConfig, ThresholdOverrides, TraceConfig, VmAccess},
+    config::{
+        Launch, MAX_STACK_FRAMES, NativeMode, ReportConfig, ThresholdOverrides, TraceConfig,
+        VmAccess,
+    },
     error::Error,
     recording::Thresholds,
     vm::discover::Cookie,
@@ -97,6 +100,10 @@ pub struct TraceArgs {
     /// outside ERTS carriers grows, `on` from the start, `off` never.
     #[arg(long, value_enum, default_value_t = NativeMode::Auto)]
     pub native: NativeMode,
+    /// With the native probes: also capture N frames of each allocation's user stack
+    /// (frame pointers, best effort; 0 = off, at most 32).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub stacks: u32,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -154,21 +161,42 @@ pub struct ThresholdArgs {
     pub frag_max_usage: Option<f64>,
 }
 
-/// Parses "60s", "5m", "500ms", or a bare number of seconds.
+/// Longest duration any option takes: 365 days (so that start + duration never overflows).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+
+/// Parses "60s", "5m", "500ms", or a bare number of seconds; at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
+    let d = match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_nan() || secs < 0.0 => {
+            return Err(format!("{s} is not a duration: it must be 0 or more"));
+        }
+        Ok(secs) if secs > MAX_DURATION.as_secs_f64() => None,
+        Ok(secs) => Some(Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())?),
+        Err(_) => match humantime::parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(e @ humantime::DurationError::NumberOverflow) => {
+                return Err(format!("{s}: {e}; durations are at most 365 days"));
+            }
+            Err(e) => return Err(format!("{e} (examples: 30s, 5m, 500ms)")),
+        },
+    };
+    match d {
+        Some(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!(
+            "{s} is too long: durations are at most 365 days (e.g. 365d, 8760h)"
+        )),
     }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 5m, 500ms)"))
 }
 
 impl ThresholdArgs {
     fn overrides(&self) -> Result<ThresholdOverrides, Error> {
-        let positive = |name: &str, v: Option<f64>| match v {
-            Some(x) if !(x.is_finite() && x >= 0.0) => Err(Error::Usage(format!(
-                "--{name} must be a number >= 0, got {x}"
-            ))),
-            _ => Ok(v),
+        // A floor in KiB or MiB, returned in bytes: finite and >= 0 both as given and in bytes
+        // (1e306 MiB is finite, its bytes are not).
+        let positive = |name: &str, v: Option<f64>, unit: f64| match v {
+            Some(x) if !(x.is_finite() && x >= 0.0 && (x * unit).is_finite()) => Err(Error::Usage(
+                format!("--{name} must be a finite number >= 0, got {x}"),
+            )),
+            _ => Ok(v.map(|x| x * unit)),
         };
         let unit = |name: &str, v: Option<f64>| match v {
             Some(f) if !(f > 0.0 && f <= 1.0) => {
@@ -177,13 +205,11 @@ impl ThresholdArgs {
             f => Ok(f),
         };
         Ok(ThresholdOverrides {
-            min_growth_bytes_per_s: positive("min-growth", self.min_growth)?.map(|k| k * 1024.0),
-            min_total_growth_bytes: positive("min-total", self.min_total)?
-                .map(|m| m * 1024.0 * 1024.0),
+            min_growth_bytes_per_s: positive("min-growth", self.min_growth, 1024.0)?,
+            min_total_growth_bytes: positive("min-total", self.min_total, 1024.0 * 1024.0)?,
             min_duration_s: self.min_duration.map(|d| d.as_secs_f64()),
             explained_fraction: unit("explained-fraction", self.explained_fraction)?,
-            frag_min_free_bytes: positive("frag-min-free", self.frag_min_free)?
-                .map(|m| m * 1024.0 * 1024.0),
+            frag_min_free_bytes: positive("frag-min-free", self.frag_min_free, 1024.0 * 1024.0)?,
             frag_max_usage: unit("frag-max-usage", self.frag_max_usage)?,
         })
     }
@@ -203,6 +229,17 @@ impl TraceArgs {
                 self.duration, self.interval
             )));
         }
+        if self.stacks > MAX_STACK_FRAMES {
+            return Err(Error::Usage(format!(
+                "--stacks {} is too deep: the kernel keeps {MAX_STACK_FRAMES} frames a stack, use 0 to {MAX_STACK_FRAMES}",
+                self.stacks
+            )));
+        }
+        if self.stacks > 0 && self.native == NativeMode::Off {
+            return Err(Error::Usage(
+                "--stacks needs the native probes: drop --native off".into(),
+            ));
+        }
         Ok(TraceConfig {
             duration: self.duration,
             interval: self.interval,
@@ -213,6 +250,7 @@ impl TraceArgs {
             progress: !self.quiet,
             vm: (!self.no_vm).then(|| self.vm.access()),
             native: self.native,
+            stacks: self.stacks,
         })
     }
 }
@@ -282,6 +320,54 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION);
+        for huge in [
+            "366d",
+            "99999999999999999999h",
+            "584942417356y",
+            "18446744073709551615s",
+            "18446744073709551615",
+            "1e300",
+            "inf",
+            "NaN",
+            "-1",
+        ] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
+    }
+
+    #[test]
+    fn durations_that_overflow_are_usage_errors() {
+        for huge in [
+            "99999999999999999999h",
+            "584942417356y",
+            "18446744073709551615s",
+        ] {
+            let err =
+                parse(&["leaktrace", "attach", "--pid", "1", "--duration", huge]).unwrap_err();
+            assert!(
+                err.contains("365 days") || err.contains("too large"),
+                "{huge}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn thresholds_out_of_range_are_refused() {
+        for args in [
+            ["--min-growth=-1"],
+            ["--min-growth=NaN"],
+            ["--min-total=inf"],
+            ["--frag-min-free=1e306"],
+            ["--explained-fraction=0"],
+            ["--explained-fraction=1.5"],
+            ["--frag-max-usage=NaN"],
+            ["--min-duration=400d"],
+        ] {
+            let mut all = vec!["leaktrace", "report", "x.json"];
+            all.extend(args);
+            assert!(parse(&all).is_err(), "{args:?}");
+        }
     }
 
     #[test]

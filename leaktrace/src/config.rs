@@ -25,7 +25,13 @@ pub struct TraceConfig {
     pub vm: Option<VmAccess>,
     /// When to attach the native probes.
     pub native: NativeMode,
+    /// Frames of user stack the native probes capture per allocation call (`--stacks`; 0: none,
+    /// at most [`MAX_STACK_FRAMES`]).
+    pub stacks: u32,
 }
+
+/// Most frames `--stacks` takes: as many as the kernel keeps per stack.
+pub const MAX_STACK_FRAMES: u32 = leaktrace_common::native_limits::STACK_DEPTH;
 
 /// When the native probes (the target's libc malloc family) attach.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -52,11 +52,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// Not enough privilege to load eBPF programs.
-    #[error(
-        "leaktrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) to load eBPF programs and read the target: run it with sudo"
-    )]
-    NotPrivileged,
+    /// Not enough privilege to load eBPF programs, attach uprobes or read the target.
+    #[error("leaktrace needs root (or {needed}); missing: {missing}. Fix: {fix}")]
+    NotPrivileged {
+        /// What suffices short of root (the capabilities, or the lock directory).
+        needed: String,
+        /// Each missing capability with what it is for.
+        missing: String,
+        /// How to grant them.
+        fix: String,
+    },
     /// Another leaktrace already traces this PID.
     #[error(
         "another leaktrace (PID {holder}) is already tracing PID {pid}: wait for it to finish or stop it (kill -INT {holder})"
@@ -138,6 +143,54 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The lock directory is not safe to hold locks in (anyone could forge or remove them).
+    #[error(
+        "refusing the lock directory {path}: {reason}. It must be a real directory owned by root (or by the user running leaktrace) and writable by its owner only: `sudo chown root:root {path} && sudo chmod 0700 {path}`, or remove it and leaktrace recreates it"
+    )]
+    LockDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file given to `leaktrace report` is a FIFO, directory, device...
+    #[error(
+        "{path} is {kind}, not a regular file: give `leaktrace report` the file written by --record"
+    )]
+    RecordingNotFile {
+        /// The path given.
+        path: PathBuf,
+        /// What it is ("a directory", "a FIFO", ...).
+        kind: &'static str,
+    },
+    /// The file given to `leaktrace report` is larger than any recording.
+    #[error(
+        "{path} is {size} bytes, over the {cap}-byte (256 MiB) limit of a recording: it is not a file leaktrace wrote with --record"
+    )]
+    RecordingTooLarge {
+        /// The path given.
+        path: PathBuf,
+        /// Its size (at least; a growing file is read only up to the cap).
+        size: u64,
+        /// The limit.
+        cap: u64,
+    },
+    /// `--out` or `--record` cannot be written (checked before anything is attached, and when
+    /// writing).
+    #[error("could not write {what} to {path}: {reason} (check {flag})")]
+    Write {
+        /// "the report" or "the recording".
+        what: &'static str,
+        /// The option naming the path: "--out" or "--record".
+        flag: &'static str,
+        /// The directory (--out) or file (--record).
+        path: PathBuf,
+        /// What failed: the path at fault and why.
+        reason: String,
+    },
+    /// A failure after the verdict was printed on stdout: the verdict is still valid.
+    #[error("{0} (the verdict above stands)")]
+    AfterVerdict(Box<Error>),
     /// The VM view could not be had (for `leaktrace vm`, where it is the whole point).
     #[error("{0}")]
     Vm(String),

@@ -40,20 +40,34 @@ pub fn own_peak_rss() -> u64 {
 }
 
 /// What the probes account for at one instant (changes since attach).
+///
+/// `carriers` and `mseg_cache` are *resident* bytes (present pages of exactly the carrier and
+/// cached-segment ranges, from `/proc/PID/pagemap`), net since attach, so that they compare
+/// with `rss_anon - baseline`: a carrier mapped but not yet touched adds nothing to RSS and
+/// nothing here. The mapped sizes stay in [`crate::carriers::CarrierLedger`]
+/// (`carriers_net`, `mseg_cache_net`). How carriers made before attach are handled is
+/// described in [`crate::carriers`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Accounted {
-    /// Net carrier bytes, `None` when carrier probes are off.
+    /// Net resident carrier bytes, `None` when carrier probes are off or residency could not
+    /// be read.
     pub carriers: Option<i64>,
-    /// Net mseg cache bytes, `None` when carrier probes are off.
+    /// Net resident mseg cache bytes, `None` like `carriers`.
     pub mseg_cache: Option<i64>,
     /// Net native bytes outstanding, `None` when native probes are off.
     pub native_outstanding: Option<i64>,
-    /// Carriers per allocator name.
+    /// Net resident carrier bytes per allocator name (sums to `carriers`).
     pub carriers_by_allocator: BTreeMap<String, i64>,
+    /// Net mapped carrier bytes (created minus destroyed), `None` when carrier probes are off:
+    /// compared with the VM's own `carriers_size`, which is mapped too.
+    pub carriers_mapped: Option<i64>,
 }
 
 /// Builds one sample: `unexplained = rss_anon - baseline - carriers - mseg_cache - native`,
 /// computed only from lines that were measured (a missing line counts as not explaining anything).
+/// With resident `carriers` and `mseg_cache`, `unexplained` is the change since attach of the
+/// resident anonymous memory outside ERTS carriers and the mseg cache (and outside tracked
+/// native allocations).
 pub fn sample(t_s: f64, rss: Rss, baseline: u64, acc: Accounted) -> Sample {
     let explained = acc.carriers.unwrap_or(0)
         + acc.mseg_cache.unwrap_or(0)
@@ -71,6 +85,7 @@ pub fn sample(t_s: f64, rss: Rss, baseline: u64, acc: Accounted) -> Sample {
         baseline: Some(baseline),
         unexplained: Some(rss.anon as i64 - baseline as i64 - explained),
         carriers_by_allocator: acc.carriers_by_allocator,
+        carriers_mapped: acc.carriers_mapped,
     }
 }
 
@@ -99,6 +114,37 @@ mod tests {
         assert_eq!(s.unexplained, Some(15 << 20));
         assert_eq!(s.native_outstanding, None, "unmeasured stays null, never 0");
         assert_eq!(s.vm_used, None);
+    }
+
+    #[test]
+    fn resident_lines_keep_unexplained_flat_while_a_carrier_fills() {
+        // At attach: 100 MiB anonymous. A 16 MiB carrier is mapped, then filled 4 MiB at a
+        // time; RSS follows the touched pages, and so does the resident carriers line.
+        let baseline = 100u64 << 20;
+        for touched in [0u64, 4, 8, 12, 16] {
+            let anon = baseline + (touched << 20);
+            let rss = Rss {
+                rss: anon + (30 << 20),
+                anon,
+                file: 30 << 20,
+            };
+            let resident = Accounted {
+                carriers: Some((touched << 20) as i64),
+                mseg_cache: Some(0),
+                ..Default::default()
+            };
+            assert_eq!(sample(1.0, rss, baseline, resident).unexplained, Some(0));
+            // What the mapped size did: drift below zero by the untouched part.
+            let mapped = Accounted {
+                carriers: Some(16 << 20),
+                mseg_cache: Some(0),
+                ..Default::default()
+            };
+            assert_eq!(
+                sample(1.0, rss, baseline, mapped).unexplained,
+                Some(((touched as i64) - 16) << 20)
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 healthy or fragmentation, 1 native_leak or vm_growth, 2 error, 3 inconclusive.
 
-use std::process::ExitCode;
+use std::{io::Write as _, process::ExitCode};
 
 use clap::Parser;
 use leaktrace::{
@@ -40,14 +40,14 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Load(format!("cannot start the runtime: {e}")))?;
+            // A bad --out or --record is exit 2 before anything is attached.
+            report::check_writable(&cfg)?;
             let finished = runtime.block_on(session::trace(&launch, &cfg))?;
-            let recording = finished.recording;
-            let code = emit(Report::new(recording.clone()), &cfg);
-            let recorded = cfg.record.as_ref().map(|path| recording.write(path));
+            // Verdict first, then --out, then --record (see `emit`).
+            let emitted = emit(Report::new(finished.recording), &cfg);
             // The probes leave the kernel while the report is written; exit only when gone.
             finished.detaching.wait();
-            recorded.transpose()?;
-            code
+            emitted
         }
         Command::Report(ReportConfig {
             file,
@@ -67,6 +67,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 progress: false,
                 vm: None,
                 native: Default::default(),
+                stacks: 0,
             };
             emit(Report::new(recording), &cfg)
         }
@@ -134,17 +135,34 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
     Ok(0)
 }
 
+/// Prints the verdict (summary or report.json) first, then writes `--out` and `--record`: a
+/// failed write never hides the verdict. Failures are errors after it (exit 2), each one said.
 fn emit(report: Report, cfg: &TraceConfig) -> Result<u8, Error> {
-    if let Some(dir) = &cfg.out {
-        report::write_dir(&report, dir)?;
-    }
     if cfg.json {
         println!("{}", report::to_json(&report));
     } else {
         println!("{}", report::terminal_summary(&report));
-        if let Some(dir) = &cfg.out {
-            println!("report: {}", dir.join("report.md").display());
+    }
+    let _ = std::io::stdout().flush();
+    let mut failed = Vec::new();
+    if let Some(dir) = &cfg.out {
+        match report::write_dir(&report, dir) {
+            Ok(()) if !cfg.json => println!("report: {}", dir.join("report.md").display()),
+            Ok(()) => {}
+            Err(e) => failed.push(e),
         }
     }
-    Ok(report.verdict.kind.exit_code() as u8)
+    if let Some(path) = &cfg.record
+        && let Err(e) = report.recording.write(path)
+    {
+        failed.push(e);
+    }
+    let last = failed.pop();
+    for e in failed {
+        eprintln!("leaktrace: error: {}", Error::AfterVerdict(Box::new(e)));
+    }
+    match last {
+        Some(e) => Err(Error::AfterVerdict(Box::new(e))),
+        None => Ok(report.verdict.kind.exit_code() as u8),
+    }
 }

@@ -1,6 +1,7 @@
 //! Native allocations by the object that made them: the kernel keeps totals per call site
 //! (return address); this names each site's object from the target's mappings and its
-//! function from ELF symbols (blazesym), and sums them per object over time.
+//! function from ELF symbols (blazesym), and sums them per object over time. With `--stacks`
+//! it also names the frames of each allocation stack the kernel walked.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -15,9 +16,12 @@ use blazesym::{
         source::{Process, Source},
     },
 };
-use leaktrace_common::{NIF_API_SITE, NativeSite};
+use leaktrace_common::{NIF_API_SITE, NativeSite, StackSiteKey, native_limits};
 
-use crate::recording::{NativeEvidence, NativeModule, NativePoint};
+use crate::recording::{
+    NativeEvidence, NativeModule, NativePoint,
+    native::{MAX_STACKS, NativeStack},
+};
 
 /// Largest /proc/PID/maps read (a hostile target cannot make the tracer read without end).
 const MAPS_CAP: u64 = 16 << 20;
@@ -95,6 +99,16 @@ pub struct NativeLedger {
     sites: HashMap<u64, Site>,
     symbolizer: Symbolizer,
     series: Vec<NativePoint>,
+    /// `--stacks`: frames kept per stack (0: stacks off).
+    stack_depth: usize,
+    /// Totals per (site, stack), as read last.
+    stack_sites: HashMap<StackSiteKey, NativeSite>,
+    /// The kernel's frames of each stack id seen (read once: an id's stack never changes).
+    stack_ips: HashMap<u32, Vec<u64>>,
+    /// `object: function` of each frame address named so far.
+    frame_names: HashMap<u64, String>,
+    /// Stacks the kernel walked fewer than 2 frames of, or its whole depth.
+    stacks_truncated: u64,
 }
 
 impl std::fmt::Debug for NativeLedger {
@@ -119,7 +133,122 @@ impl NativeLedger {
             sites: HashMap::new(),
             symbolizer: Symbolizer::new(),
             series: Vec::new(),
+            stack_depth: 0,
+            stack_sites: HashMap::new(),
+            stack_ips: HashMap::new(),
+            frame_names: HashMap::new(),
+            stacks_truncated: 0,
         }
+    }
+
+    /// Keeps `depth` frames of each allocation stack (`--stacks`; 0: none).
+    pub fn set_stack_depth(&mut self, depth: u32) {
+        self.stack_depth = depth as usize;
+    }
+
+    /// Takes the kernel's (site, stack) totals (every pair, as read now); `frames_of` reads a
+    /// stack id's frames from the kernel, each new id once.
+    pub fn update_stacks(
+        &mut self,
+        sites: impl IntoIterator<Item = (StackSiteKey, NativeSite)>,
+        mut frames_of: impl FnMut(u32) -> Option<Vec<u64>>,
+    ) {
+        if self.stack_depth == 0 {
+            return;
+        }
+        let mut unnamed: Vec<u64> = Vec::new();
+        for (key, stats) in sites {
+            let Ok(id) = u32::try_from(key.stack_id) else {
+                continue;
+            };
+            let new_key = self.stack_sites.insert(key, stats).is_none();
+            let new_id = !self.stack_ips.contains_key(&id);
+            if new_id {
+                // Not readable (yet): the totals stay, the frames are asked again next time.
+                let Some(ips) = frames_of(id) else {
+                    continue;
+                };
+                if is_truncated(&ips) {
+                    self.stacks_truncated += 1;
+                }
+                if std::env::var_os("LT_DEBUG_STACKS").is_some() {
+                    eprintln!("DEBUG stack {id} site {:#x}: {:x?}", key.site, ips);
+                }
+                self.stack_ips.insert(id, ips);
+            }
+            if new_id || new_key {
+                unnamed.extend(
+                    stack_frames(key.site, &self.stack_ips[&id], self.stack_depth)
+                        .into_iter()
+                        .filter(|a| !self.frame_names.contains_key(a)),
+                );
+            }
+        }
+        unnamed.sort_unstable();
+        unnamed.dedup();
+        if unnamed.is_empty() {
+            return;
+        }
+        if unnamed.iter().any(|a| self.mapping_of(*a).is_none()) {
+            self.maps = read_maps(self.pid);
+        }
+        let lookups: Vec<u64> = unnamed.iter().map(|a| a.saturating_sub(1)).collect();
+        let functions = self.symbolize(&lookups);
+        for (addr, function) in unnamed.into_iter().zip(functions) {
+            let module = self
+                .mapping_of(addr)
+                .map_or_else(|| ANONYMOUS.to_owned(), |m| file_name(&m.path));
+            self.frame_names
+                .insert(addr, frame_label(&module, function.as_deref(), addr));
+        }
+    }
+
+    /// The name of a frame address: as symbolized, else its object's.
+    fn frame_name(&self, addr: u64) -> String {
+        self.frame_names.get(&addr).cloned().unwrap_or_else(|| {
+            let module = self
+                .mapping_of(addr)
+                .map_or_else(|| ANONYMOUS.to_owned(), |m| file_name(&m.path));
+            frame_label(&module, None, addr)
+        })
+    }
+
+    /// Per-stack totals, stacks with the same frames (after `--stacks N` cut them) summed,
+    /// largest outstanding first, [`MAX_STACKS`] at most.
+    pub fn stacks(&self) -> Vec<NativeStack> {
+        let mut by: BTreeMap<(Vec<String>, bool), NativeStack> = BTreeMap::new();
+        for (key, stats) in &self.stack_sites {
+            let Some(ips) = u32::try_from(key.stack_id)
+                .ok()
+                .and_then(|id| self.stack_ips.get(&id))
+            else {
+                continue;
+            };
+            let frames: Vec<String> = stack_frames(key.site, ips, self.stack_depth)
+                .into_iter()
+                .map(|a| self.frame_name(a))
+                .collect();
+            let nif_api = key.site & NIF_API_SITE != 0;
+            let s = by
+                .entry((frames.clone(), nif_api))
+                .or_insert_with(|| NativeStack {
+                    frames,
+                    nif_api,
+                    ..Default::default()
+                });
+            s.allocations += stats.allocations;
+            s.frees += stats.frees;
+            s.outstanding_bytes += Self::outstanding_of(stats);
+        }
+        let mut out: Vec<NativeStack> = by.into_values().collect();
+        out.sort_by(|a, b| {
+            b.outstanding_bytes
+                .cmp(&a.outstanding_bytes)
+                .then(b.allocations.cmp(&a.allocations))
+                .then_with(|| a.frames.cmp(&b.frames))
+        });
+        out.truncate(MAX_STACKS);
+        out
     }
 
     fn mapping_of(&self, addr: u64) -> Option<&Mapping> {
@@ -266,13 +395,59 @@ impl NativeLedger {
 
     /// The evidence for the recording.
     pub fn evidence(&self, attached_at_s: Option<f64>, reason: String) -> NativeEvidence {
+        let stacks_on = self.stack_depth > 0;
         NativeEvidence {
             attached_at_s,
             reason,
             modules: self.modules(),
             series: self.series.clone(),
+            stack_depth: self.stack_depth as u32,
+            stacks: if stacks_on { self.stacks() } else { Vec::new() },
+            stacks_truncated: stacks_on.then_some(self.stacks_truncated),
             ..Default::default()
         }
+    }
+}
+
+/// Whether `addr` can be a user-space code address (x86-64, 47-bit user half). A frame-pointer
+/// walk through code without frame pointers reads whatever `rbp` points at: its first
+/// impossible address ends the stack.
+fn plausible(addr: u64) -> bool {
+    (0x1000..=0x7fff_ffff_ffff).contains(&addr)
+}
+
+/// The kernel's frames up to the first impossible one.
+fn walked(kernel_frames: &[u64]) -> &[u64] {
+    let n = kernel_frames.iter().take_while(|a| plausible(**a)).count();
+    &kernel_frames[..n]
+}
+
+/// Whether the kernel's walk of a stack was cut short: fewer than 2 frames (the probe's own
+/// address and nothing past it: the code below has no frame pointers) or as many as it keeps.
+pub fn is_truncated(kernel_frames: &[u64]) -> bool {
+    walked(kernel_frames).len() < 2 || kernel_frames.len() >= native_limits::STACK_DEPTH as usize
+}
+
+/// The frames of an allocation stack as reported, innermost first, `depth` at most: the call's
+/// site (the return address the probe read at `[rsp]`: exact without frame pointers), then the
+/// kernel's frames past its first (the probe's own address, inside the allocator) and past
+/// copies of the site (a kernel that adds `[rsp]` to stacks taken at a function's entry), up to
+/// the first impossible address.
+pub fn stack_frames(site: u64, kernel_frames: &[u64], depth: usize) -> Vec<u64> {
+    let site = site & !NIF_API_SITE;
+    let rest = walked(kernel_frames).get(1..).unwrap_or_default();
+    let rest = &rest[rest.iter().take_while(|a| **a == site).count()..];
+    std::iter::once(site)
+        .chain(rest.iter().copied())
+        .take(depth)
+        .collect()
+}
+
+/// `object: function`, or `object: 0xADDRESS` without a symbol.
+pub fn frame_label(module: &str, function: Option<&str>, addr: u64) -> String {
+    match function {
+        Some(f) => format!("{module}: {f}"),
+        None => format!("{module}: {addr:#x}"),
     }
 }
 
@@ -375,5 +550,144 @@ mod tests {
         assert_eq!(l.outstanding(), 1600);
         l.record_point(1.0);
         assert_eq!(l.series[0].by_module["lt_native.so"], 1600);
+    }
+
+    #[test]
+    fn stack_frames_start_at_the_site_and_end_where_the_walk_went_wrong() {
+        let site = 0x5100;
+        // The probe's own address (in libc's malloc) is dropped, the site leads.
+        assert_eq!(stack_frames(site, &[0x9000], 8), vec![0x5100]);
+        assert_eq!(
+            stack_frames(site, &[0x9000, 0x1200, 0x1300], 8),
+            vec![0x5100, 0x1200, 0x1300]
+        );
+        // A kernel that adds [rsp] at a function's entry: the site once.
+        assert_eq!(
+            stack_frames(site, &[0x9000, 0x5100, 0x1200], 8),
+            vec![0x5100, 0x1200]
+        );
+        // A walk through code without frame pointers ends at its first impossible address.
+        assert_eq!(
+            stack_frames(site, &[0x9000, 0x1200, 0x8948_e855_8d48_5354, 0x1300], 8),
+            vec![0x5100, 0x1200]
+        );
+        // `--stacks N` keeps N frames; NIF API sites are named without their flag bit.
+        assert_eq!(
+            stack_frames(site | NIF_API_SITE, &[0x9000, 0x1200, 0x1300], 2),
+            vec![0x5100, 0x1200]
+        );
+        assert!(stack_frames(site, &[], 0).is_empty());
+
+        assert!(is_truncated(&[]));
+        assert!(is_truncated(&[0x9000]));
+        assert!(is_truncated(&[0x9000, 0x8948_e855_8d48_5354]));
+        assert!(!is_truncated(&[0x9000, 0x1200]));
+        let full = vec![0x1200; native_limits::STACK_DEPTH as usize];
+        assert!(is_truncated(&full));
+        assert!(!is_truncated(&full[1..]));
+
+        assert_eq!(
+            frame_label("lt_native.so", Some("leak_malloc"), 0x5100),
+            "lt_native.so: leak_malloc"
+        );
+        assert_eq!(frame_label("beam.smp", None, 0x1200), "beam.smp: 0x1200");
+    }
+
+    #[test]
+    fn stacks_are_summed_by_their_frames_and_ranked_by_outstanding_bytes() {
+        let mut l = NativeLedger::new(std::process::id(), "/x/beam.smp");
+        l.maps = vec![
+            Mapping {
+                start: 0x1000,
+                end: 0x2000,
+                path: "/x/beam.smp".into(),
+            },
+            Mapping {
+                start: 0x5000,
+                end: 0x6000,
+                path: "/x/lt_native.so".into(),
+            },
+        ];
+        // As blazesym would name them; 0x1200 and 0x1300 stay unsymbolized.
+        l.frame_names
+            .insert(0x5100, "lt_native.so: leak_malloc".into());
+        l.frame_names.insert(0x5200, "lt_native.so: churn".into());
+        let site = |a: u64, b: u64| NativeSite {
+            allocations: a,
+            frees: b,
+            bytes_allocated: a * 100,
+            bytes_freed: b * 100,
+        };
+        let key = |site, stack_id| StackSiteKey { site, stack_id };
+        let kernel: HashMap<u32, Vec<u64>> = [
+            (1, vec![0x9000, 0x1200, 0x1300]),
+            // Differs from 1 only past the 2 frames kept: the same stack.
+            (2, vec![0x9000, 0x1200, 0x1400]),
+            // The walk stopped at once: truncated.
+            (3, vec![0x9000]),
+        ]
+        .into();
+        let mut asked = Vec::new();
+        let read = |asked: &mut Vec<u32>, id: u32| {
+            asked.push(id);
+            kernel.get(&id).cloned()
+        };
+
+        // Stacks off: nothing is read or reported.
+        l.update_stacks([(key(0x5100, 1), site(1, 0))], |id| read(&mut asked, id));
+        assert!(asked.is_empty());
+        let off = l.evidence(Some(0.0), "--native on".into());
+        assert!(off.stacks.is_empty() && off.stacks_truncated.is_none());
+        let json = serde_json::to_value(&off).unwrap();
+        assert!(json.get("stacks").is_none() && json.get("stack_depth").is_none());
+
+        l.set_stack_depth(2);
+        l.update_stacks(
+            [
+                (key(0x5100, 1), site(10, 0)),
+                (key(0x5100, 2), site(5, 1)),
+                (key(0x5200, 3), site(50, 48)),
+                // Not readable yet: kept, asked again next time.
+                (key(0x5200, 4), site(1, 0)),
+            ],
+            |id| read(&mut asked, id),
+        );
+        asked.sort_unstable();
+        assert_eq!(asked, [1, 2, 3, 4]);
+        assert_eq!(l.stacks_truncated, 1);
+        let stacks = l.stacks();
+        assert_eq!(stacks.len(), 2, "{stacks:#?}");
+        assert_eq!(
+            stacks[0].frames,
+            ["lt_native.so: leak_malloc", "beam.smp: 0x1200"]
+        );
+        assert_eq!(
+            (
+                stacks[0].allocations,
+                stacks[0].frees,
+                stacks[0].outstanding_bytes
+            ),
+            (15, 1, 1400)
+        );
+        assert_eq!(stacks[1].frames, ["lt_native.so: churn"]);
+        assert_eq!(stacks[1].outstanding_bytes, 200);
+
+        // Later reads replace the totals; each stack's frames are read once.
+        asked.clear();
+        l.update_stacks(
+            [
+                (key(0x5100, 1), site(20, 0)),
+                (key(0x5100, 2), site(5, 1)),
+                (key(0x5200, 3), site(50, 50)),
+            ],
+            |id| read(&mut asked, id),
+        );
+        assert_eq!(asked, [4u32; 0]);
+        let e = l.evidence(Some(0.0), "--native on".into());
+        assert_eq!(e.stack_depth, 2);
+        assert_eq!(e.stacks_truncated, Some(1));
+        assert_eq!(e.stacks[0].outstanding_bytes, 2400);
+        assert_eq!(e.stacks[0].allocations, 25);
+        assert_eq!(e.stacks[1].outstanding_bytes, 0);
     }
 }

@@ -7,13 +7,16 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf, StackTraceMap},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
-use leaktrace_common::{CARRIER_EVENT_SIZE, CarrierEvent, NativeSite, counter, probe_id as P};
+use leaktrace_common::{
+    CARRIER_EVENT_SIZE, CarrierEvent, NativeSite, StackSiteKey, counter, native_config,
+    probe_id as P,
+};
 
 use crate::{
     error::Error,
@@ -477,17 +480,44 @@ impl Tracer {
         self.native_sites
             .iter()
             .filter_map(Result::ok)
-            .map(|(site, per_cpu)| {
-                let mut t = NativeSite::default();
-                for v in per_cpu.iter() {
-                    t.allocations += v.allocations;
-                    t.frees += v.frees;
-                    t.bytes_allocated += v.bytes_allocated;
-                    t.bytes_freed += v.bytes_freed;
-                }
-                (site, t)
-            })
+            .map(|(site, per_cpu)| (site, sum_cpus(&per_cpu)))
             .collect()
+    }
+
+    /// Makes the native entry probes capture `depth` frames of user stack (`--stacks`; 0:
+    /// none). Set before they attach.
+    pub fn set_stack_depth(&mut self, depth: u32) -> Result<(), String> {
+        let map = self
+            .ebpf
+            .map_mut("NATIVE_CONFIG")
+            .ok_or("map NATIVE_CONFIG missing from the eBPF object")?;
+        let mut config: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|e| e.to_string())?;
+        config
+            .set(native_config::STACK_DEPTH, depth, 0)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The kernel's per-(site, stack) native totals (`--stacks`), summed over CPUs.
+    pub fn stack_sites(&self) -> Vec<(StackSiteKey, NativeSite)> {
+        let Some(map) = self.ebpf.map("STACK_SITES") else {
+            return Vec::new();
+        };
+        let Ok(sites) = PerCpuHashMap::<&MapData, StackSiteKey, NativeSite>::try_from(map) else {
+            return Vec::new();
+        };
+        sites
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum_cpus(&per_cpu)))
+            .collect()
+    }
+
+    /// The frames (addresses, innermost first) of user stack `id` as the kernel walked them.
+    pub fn stack_frames(&self, id: u32) -> Option<Vec<u64>> {
+        let stacks = StackTraceMap::<&MapData>::try_from(self.ebpf.map("STACKS")?).ok()?;
+        let trace = stacks.get(&id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
     }
 
     /// The native loss counters, into `evidence`.
@@ -496,6 +526,9 @@ impl Tracer {
         evidence.outstanding_full = self.counter(counter::NATIVE_OUTSTANDING_FULL);
         evidence.sites_full = self.counter(counter::NATIVE_SITES_FULL);
         evidence.stale_calls = self.counter(counter::NATIVE_STALE_PENDING);
+        if evidence.stack_depth > 0 {
+            evidence.stack_errors = Some(self.counter(counter::STACK_ERRORS));
+        }
     }
 
     /// Detaches every probe on a thread of its own: the kernel removes uprobes one after
@@ -571,6 +604,18 @@ impl Tracer {
             .map(|id| self.counter(counter::HITS_BASE + id))
             .sum()
     }
+}
+
+/// One site's totals summed over CPUs.
+fn sum_cpus(per_cpu: &PerCpuValues<NativeSite>) -> NativeSite {
+    let mut t = NativeSite::default();
+    for v in per_cpu.iter() {
+        t.allocations += v.allocations;
+        t.frees += v.frees;
+        t.bytes_allocated += v.bytes_allocated;
+        t.bytes_freed += v.bytes_freed;
+    }
+    t
 }
 
 /// Probes being detached; [`Detaching::wait`] returns once none is left in the kernel.

@@ -1,11 +1,26 @@
 //! Reports: report.json (schema 1: the recording plus the verdict), report.md for humans, and
 //! the short summary printed at the end of a run.
 
-use std::{fmt::Write as _, fs, path::Path};
+use std::{
+    ffi::{CStr, CString, OsStr, OsString},
+    fmt::Write as _,
+    fs::{self, File},
+    io::{self, Write as _},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{
+            ffi::OsStrExt,
+            fs::{DirBuilderExt, MetadataExt},
+        },
+    },
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    config::TraceConfig,
     error::Error,
     recording::{Census, Recording, Sample},
     units::human_bytes,
@@ -65,7 +80,7 @@ impl CrossCheck {
         let both: Vec<(i64, u64)> = r
             .samples
             .iter()
-            .filter_map(|s| Some((s.carriers?, s.vm_allocated?)))
+            .filter_map(|s| Some((s.carriers_mapped.or(s.carriers)?, s.vm_allocated?)))
             .collect();
         let (probe, vm) = match (both.first(), both.last()) {
             (Some(a), Some(b)) if both.len() >= 2 => {
@@ -243,13 +258,16 @@ pub fn to_markdown(report: &Report) -> String {
         o,
         "- target: PID {} `{}`, OTP {}, node {node}",
         r.target.pid,
-        r.target.exe,
-        r.target.otp_release.as_deref().unwrap_or("unknown"),
+        md(&r.target.exe),
+        md(r.target.otp_release.as_deref().unwrap_or("unknown")),
     );
     let _ = writeln!(
         o,
         "- run: {:.1} s, sample every {:.1} s, ended by {:?}; leaktrace {}",
-        r.duration_s, r.interval_s, r.end, r.tool_version
+        r.duration_s,
+        r.interval_s,
+        r.end,
+        md(&r.tool_version)
     );
     let _ = writeln!(o, "- exit code {}\n", v.kind.exit_code());
     if !v.culprits.is_empty() {
@@ -273,12 +291,12 @@ pub fn to_markdown(report: &Report) -> String {
     if !v.secondary.is_empty() {
         let _ = writeln!(o, "## Also found\n");
         for f in &v.secondary {
-            let names: Vec<&str> = f.culprits.iter().map(|c| c.name.as_str()).collect();
+            let names: Vec<String> = f.culprits.iter().map(|c| md(&c.name)).collect();
             let _ = writeln!(
                 o,
                 "- **{}**: {} ({})",
                 f.kind.as_str(),
-                f.summary,
+                md(&f.summary),
                 names.join(", ")
             );
         }
@@ -319,7 +337,7 @@ pub fn to_markdown(report: &Report) -> String {
         let _ = writeln!(
             o,
             "| {} | {}/s | {} | {} | {:.2} | {} |",
-            t.line,
+            md(&t.line),
             human_bytes(t.slope_bytes_per_s),
             human_bytes(t.growth_bytes),
             t.second_half_bytes_per_s
@@ -337,7 +355,7 @@ pub fn to_markdown(report: &Report) -> String {
             let _ = writeln!(
                 o,
                 "| {} | {} | {} | {} | {} ({}) |",
-                a.name,
+                md(&a.name),
                 a.created,
                 a.destroyed,
                 human_bytes(a.net_bytes as f64),
@@ -352,7 +370,7 @@ pub fn to_markdown(report: &Report) -> String {
         let _ = writeln!(
             o,
             "\n## VM allocators at the end (node {})\n\n| allocator | used | allocated | usage | pooled |\n|---|---:|---:|---:|---:|",
-            vm.node
+            md(&vm.node)
         );
         let mut rows: Vec<_> = last.by_allocator().into_values().collect();
         rows.sort_by_key(|a| std::cmp::Reverse(a.carriers));
@@ -360,7 +378,7 @@ pub fn to_markdown(report: &Report) -> String {
             let _ = writeln!(
                 o,
                 "| {} | {} | {} | {:.0}% | {} |",
-                a.name,
+                md(&a.name),
                 human_bytes(a.blocks as f64),
                 human_bytes(a.carriers as f64),
                 100.0 * a.blocks as f64 / a.carriers as f64,
@@ -395,7 +413,7 @@ pub fn to_markdown(report: &Report) -> String {
         let _ = writeln!(o, "- {name}: {}", if on { "yes" } else { "no" });
     }
     for n in &r.source_notes {
-        let _ = writeln!(o, "- note: {n}");
+        let _ = writeln!(o, "- note: {}", md(n));
     }
     let _ = writeln!(
         o,
@@ -405,12 +423,12 @@ pub fn to_markdown(report: &Report) -> String {
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} |",
-            p.name,
-            p.symbol,
+            md(&p.name),
+            md(&p.symbol),
             if p.attached {
                 "yes".to_string()
             } else {
-                format!("no: {}", p.error.as_deref().unwrap_or(""))
+                format!("no: {}", md(p.error.as_deref().unwrap_or("")))
             },
             p.hits
         );
@@ -457,10 +475,10 @@ pub fn terminal_summary(report: &Report) -> String {
         );
     }
     for f in &v.secondary {
-        let _ = write!(o, "\n  also: {} — {}", f.kind.as_str(), f.summary);
+        let _ = write!(o, "\n  also: {} — {}", f.kind.as_str(), clean(&f.summary));
     }
     for x in &v.ruled_out {
-        let _ = write!(o, "\n  not {}: {}", x.kind.as_str(), x.reason);
+        let _ = write!(o, "\n  not {}: {}", x.kind.as_str(), clean(&x.reason));
     }
     if let Some(line) = report.cross_check.line() {
         let _ = write!(o, "\n  check: {line}");
@@ -468,16 +486,483 @@ pub fn terminal_summary(report: &Report) -> String {
     o
 }
 
-/// Writes report.json and report.md into `dir` (created if needed).
+/// Writes report.json and report.md into `dir`, each atomically (a temporary file in `dir`,
+/// synced, then renamed over the destination), never through a symbolic link: `dir` itself,
+/// `dir/report.json` or `dir/report.md` being a symbolic link (or not a directory / regular
+/// file) is refused before anything is written. `dir` is created (0755) when missing.
 pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::ReportIo { path, source }
+    let fail = |e: WriteError| Error::Write {
+        what: "the report",
+        flag: "--out",
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
     };
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let json = dir.join("report.json");
-    fs::write(&json, to_json(report)).map_err(io(&json))?;
-    let md = dir.join("report.md");
-    fs::write(&md, to_markdown(report)).map_err(io(&md))?;
+    let out = OutDir::create(dir).map_err(fail)?;
+    for name in REPORT_FILES {
+        out.check_destination(OsStr::new(name)).map_err(fail)?;
+    }
+    out.write_atomic(OsStr::new("report.json"), to_json(report).as_bytes())
+        .map_err(fail)?;
+    out.write_atomic(OsStr::new("report.md"), to_markdown(report).as_bytes())
+        .map_err(fail)?;
     Ok(())
+}
+
+/// The files `--out` writes.
+const REPORT_FILES: [&str; 2] = ["report.json", "report.md"];
+
+/// Checks, before anything is attached, that `--record` and `--out` can be written: the
+/// directory exists (or, for `--out`, can be created under an existing writable directory), a
+/// probe file can be created and removed in it, and no destination is a symbolic link or other
+/// than a regular file. Creates nothing that stays.
+pub fn check_writable(cfg: &TraceConfig) -> Result<(), Error> {
+    check_paths(cfg.out.as_deref(), cfg.record.as_deref())
+}
+
+/// [`check_writable`] of `--out` and `--record`.
+fn check_paths(out: Option<&Path>, record: Option<&Path>) -> Result<(), Error> {
+    if let Some(file) = record {
+        let fail = |e: WriteError| Error::Write {
+            what: "the recording",
+            flag: "--record",
+            path: file.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let (dir, name) = split_file(file).map_err(fail)?;
+        let dir = OutDir::open(&dir, false).map_err(fail)?;
+        dir.check_destination(&name).map_err(fail)?;
+        dir.probe().map_err(fail)?;
+    }
+    if let Some(out) = out {
+        let fail = |e: WriteError| Error::Write {
+            what: "the report",
+            flag: "--out",
+            path: out.to_path_buf(),
+            reason: e.to_string(),
+        };
+        match fs::symlink_metadata(out) {
+            Ok(_) => {
+                let dir = OutDir::open(out, true).map_err(fail)?;
+                for name in REPORT_FILES {
+                    dir.check_destination(OsStr::new(name)).map_err(fail)?;
+                }
+                dir.probe().map_err(fail)?;
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                // Created when the report is written: the nearest existing ancestor must take it.
+                let mut ancestor = out;
+                loop {
+                    ancestor = match ancestor.parent() {
+                        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                        Some(p) => p,
+                        None => break,
+                    };
+                    if fs::symlink_metadata(ancestor).is_ok() {
+                        break;
+                    }
+                }
+                OutDir::open(ancestor, false)
+                    .and_then(|d| d.probe())
+                    .map_err(fail)?;
+            }
+            Err(e) => return Err(fail(WriteError::Io(out.to_path_buf(), e))),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` atomically (a temporary file beside it, synced, renamed over it),
+/// never through a symbolic link at `path` (refused, as is anything but a regular file there).
+/// The directory must exist.
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
+    let (dir, name) = split_file(path)?;
+    let dir = OutDir::open(&dir, false)?;
+    dir.check_destination(&name)?;
+    dir.write_atomic(&name, contents)
+}
+
+/// Why a file could not be written, naming the path at fault.
+#[derive(Debug)]
+pub enum WriteError {
+    /// A symbolic link where a file or directory is to be written.
+    Symlink(PathBuf),
+    /// Something other than what is needed: (path, what it is, what it must be).
+    NotA(PathBuf, &'static str, &'static str),
+    /// The path names no file (`/`, `..`).
+    NoFileName(PathBuf),
+    /// The system said no.
+    Io(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Symlink(p) => write!(
+                f,
+                "{} is a symbolic link, and leaktrace (running as root) never writes through one: remove it or choose another path",
+                p.display()
+            ),
+            WriteError::NotA(p, is, must) => {
+                write!(f, "{} is {is}, not {must}", p.display())
+            }
+            WriteError::NoFileName(p) => write!(f, "{} names no file", p.display()),
+            WriteError::Io(p, e) if e.kind() == io::ErrorKind::NotFound => {
+                write!(f, "{} does not exist ({e})", p.display())
+            }
+            WriteError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+        }
+    }
+}
+
+/// What a file of mode `mode` (`st_mode`) is, for messages.
+pub fn file_kind(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFLNK => "a symbolic link",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFSOCK => "a socket",
+        _ => "a special file",
+    }
+}
+
+/// The directory of `path` (`.` for a bare name) and its file name.
+fn split_file(path: &Path) -> Result<(PathBuf, OsString), WriteError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| WriteError::NoFileName(path.to_path_buf()))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name.to_os_string()))
+}
+
+fn c_name(path: &Path, name: &OsStr) -> Result<CString, WriteError> {
+    CString::new(name.as_bytes()).map_err(|_| {
+        WriteError::Io(
+            path.join(name),
+            io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the name"),
+        )
+    })
+}
+
+/// A directory opened once; files are created in it relative to that descriptor, so a
+/// directory swapped for a symbolic link after the checks is not followed.
+struct OutDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl OutDir {
+    /// Opens `path` as a directory; with `nofollow`, a symbolic link there is refused.
+    fn open(path: &Path, nofollow: bool) -> Result<OutDir, WriteError> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+            WriteError::Io(
+                path.to_path_buf(),
+                io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"),
+            )
+        })?;
+        let mut flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        if nofollow {
+            flags |= libc::O_NOFOLLOW;
+        }
+        // SAFETY: c is a valid C string; the descriptor returned is owned below.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match fs::symlink_metadata(path) {
+                Ok(m) if nofollow && m.file_type().is_symlink() => {
+                    WriteError::Symlink(path.to_path_buf())
+                }
+                Ok(m) if !m.is_dir() && !m.file_type().is_symlink() => {
+                    WriteError::NotA(path.to_path_buf(), file_kind(m.mode()), "a directory")
+                }
+                _ => WriteError::Io(path.to_path_buf(), e),
+            });
+        }
+        Ok(OutDir {
+            // SAFETY: fd is a fresh descriptor nothing else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// `--out DIR`: DIR created (0755, with its parents) when missing; a symbolic link or a
+    /// non-directory there is refused.
+    fn create(path: &Path) -> Result<OutDir, WriteError> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(WriteError::Symlink(path.to_path_buf()));
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(WriteError::NotA(
+                    path.to_path_buf(),
+                    file_kind(m.mode()),
+                    "a directory",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(path)
+                    .map_err(|e| WriteError::Io(path.to_path_buf(), e))?;
+            }
+            Err(e) => return Err(WriteError::Io(path.to_path_buf(), e)),
+        }
+        OutDir::open(path, true)
+    }
+
+    /// `st_mode` of `name` in the directory, not following a symbolic link; None if absent.
+    fn lstat(&self, name: &CStr) -> io::Result<Option<u32>> {
+        // SAFETY: an all-zero stat is a valid out-buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, C string and out-pointer.
+        let r = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r == 0 {
+            return Ok(Some(st.st_mode));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::NotFound {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// Refuses a destination that is a symbolic link or anything but a regular file.
+    fn check_destination(&self, name: &OsStr) -> Result<(), WriteError> {
+        let path = self.path.join(name);
+        match self.lstat(&c_name(&self.path, name)?) {
+            Ok(None) => Ok(()),
+            Ok(Some(mode)) if mode & libc::S_IFMT == libc::S_IFREG => Ok(()),
+            Ok(Some(mode)) if mode & libc::S_IFMT == libc::S_IFLNK => {
+                Err(WriteError::Symlink(path))
+            }
+            Ok(Some(mode)) => Err(WriteError::NotA(path, file_kind(mode), "a regular file")),
+            Err(e) => Err(WriteError::Io(path, e)),
+        }
+    }
+
+    /// A new file of mode 0644 in the directory, named after `stem`: created exclusively and
+    /// without following a symbolic link, so it is never a file someone else prepared.
+    fn create_temp(&self, stem: &OsStr) -> Result<(CString, File), WriteError> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let mut last = None;
+        for _ in 0..16 {
+            let mut name = OsString::from(".");
+            name.push(stem);
+            name.push(format!(
+                ".leaktrace-{}-{}.tmp",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let c = c_name(&self.path, &name)?;
+            // SAFETY: valid descriptor and C string; the descriptor returned is owned below.
+            let fd = unsafe {
+                libc::openat(
+                    self.fd.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644 as libc::c_uint,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: fd is a fresh descriptor nothing else owns.
+                return Ok((c, File::from(unsafe { OwnedFd::from_raw_fd(fd) })));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(WriteError::Io(self.path.join(&name), e));
+            }
+            last = Some((name, e));
+        }
+        let (name, e) = last.expect("at least one attempt");
+        Err(WriteError::Io(self.path.join(name), e))
+    }
+
+    fn unlink(&self, name: &CStr) {
+        // SAFETY: valid descriptor and C string.
+        unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
+    }
+
+    /// Writes `contents` to `name`: a temporary file, synced, renamed over `name` (which a
+    /// rename replaces and never follows). Nothing partial stays behind on failure.
+    fn write_atomic(&self, name: &OsStr, contents: &[u8]) -> Result<(), WriteError> {
+        let dest = c_name(&self.path, name)?;
+        let (tmp, mut file) = self.create_temp(name)?;
+        let written = file
+            .write_all(contents)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| WriteError::Io(self.path.join(name), e))
+            .and_then(|()| {
+                // The destination is checked again as late as possible: rename would replace a
+                // symbolic link planted meanwhile (not write through it), but say so instead.
+                self.check_destination(name)?;
+                // SAFETY: valid descriptors and C strings.
+                let r = unsafe {
+                    libc::renameat(
+                        self.fd.as_raw_fd(),
+                        tmp.as_ptr(),
+                        self.fd.as_raw_fd(),
+                        dest.as_ptr(),
+                    )
+                };
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(WriteError::Io(
+                        self.path.join(name),
+                        io::Error::last_os_error(),
+                    ))
+                }
+            });
+        drop(file);
+        if written.is_err() {
+            self.unlink(&tmp);
+        } else {
+            // The rename itself durable; best effort.
+            // SAFETY: valid descriptor.
+            unsafe { libc::fsync(self.fd.as_raw_fd()) };
+        }
+        written
+    }
+
+    /// Creates and removes a probe file: the directory takes new files.
+    fn probe(&self) -> Result<(), WriteError> {
+        let (tmp, file) = self.create_temp(OsStr::new("leaktrace-probe"))?;
+        drop(file);
+        self.unlink(&tmp);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod write_tests {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn files_are_replaced_whole_with_mode_0644_and_no_temporary_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("rec.json");
+        fs::write(&file, "old, longer than the new").unwrap();
+        write_file(&file, b"new").unwrap();
+        assert_eq!(fs::read_to_string(&file).unwrap(), "new");
+        // 0644 before the umask: never group- or world-writable, and readable by its owner.
+        let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o133, 0, "{mode:o}");
+        assert_eq!(mode & 0o600, 0o600, "{mode:o}");
+        assert_eq!(names(tmp.path()), ["rec.json"]);
+    }
+
+    #[test]
+    fn a_symlink_or_special_file_at_the_destination_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let link = tmp.path().join("rec.json");
+        symlink(&victim, &link).unwrap();
+        let err = write_file(&link, b"new").unwrap_err().to_string();
+        assert!(err.contains("rec.json is a symbolic link"), "{err}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        // A dangling one too (it would create the file it points to).
+        let dangling = tmp.path().join("dangling.json");
+        symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        assert!(matches!(
+            write_file(&dangling, b"x"),
+            Err(WriteError::Symlink(_))
+        ));
+        assert!(!tmp.path().join("nowhere").exists());
+        let dir = tmp.path().join("a_dir");
+        fs::create_dir(&dir).unwrap();
+        let err = write_file(&dir, b"x").unwrap_err().to_string();
+        assert!(
+            err.contains("a_dir is a directory, not a regular file"),
+            "{err}"
+        );
+        assert_eq!(
+            names(tmp.path()),
+            ["a_dir", "dangling.json", "rec.json", "victim"]
+        );
+    }
+
+    #[test]
+    fn checks_before_attaching_create_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        // Fine: an existing directory, a directory to create, a file in an existing directory.
+        check_paths(Some(base), Some(&base.join("rec.json"))).unwrap();
+        check_paths(Some(&base.join("new/deeper")), None).unwrap();
+        assert!(names(base).is_empty(), "{:?}", names(base));
+        // A --record directory that does not exist.
+        let err = check_paths(None, Some(&base.join("missing/rec.json")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "could not write the recording to {}",
+                base.join("missing/rec.json").display()
+            )) && err.contains("missing does not exist")
+                && err.ends_with("(check --record)"),
+            "{err}"
+        );
+        // --out under a regular file, --out a regular file, --out a symlink.
+        fs::write(base.join("file"), "").unwrap();
+        for out in [base.join("file/out"), base.join("file")] {
+            let err = check_paths(Some(&out), None).unwrap_err().to_string();
+            assert!(err.contains("is a regular file, not a directory"), "{err}");
+        }
+        symlink(base, base.join("link")).unwrap();
+        let err = check_paths(Some(&base.join("link")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("link is a symbolic link"), "{err}");
+        // A symlink already planted at report.md.
+        fs::create_dir(base.join("out")).unwrap();
+        symlink(base.join("file"), base.join("out/report.md")).unwrap();
+        let err = check_paths(Some(&base.join("out")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("report.md is a symbolic link"), "{err}");
+        assert_eq!(names(&base.join("out")), ["report.md"]);
+        // A directory that takes no files (for a user other than root).
+        if unsafe { libc::geteuid() } != 0 {
+            let ro = base.join("ro");
+            fs::create_dir(&ro).unwrap();
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+            let err = check_paths(None, Some(&ro.join("rec.json")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("Permission denied"), "{err}");
+        }
+    }
 }

@@ -151,12 +151,15 @@ struct NativeProbes {
     attached_at_s: Option<f64>,
     libc: Option<String>,
     reason: String,
+    /// `--stacks`: frames of user stack per allocation call (0: none).
+    stacks: u32,
 }
 
 impl NativeProbes {
-    fn new(mode: NativeMode) -> NativeProbes {
+    fn new(mode: NativeMode, stacks: u32) -> NativeProbes {
         NativeProbes {
             mode,
+            stacks,
             ledger: None,
             attached_at_s: None,
             libc: None,
@@ -180,6 +183,13 @@ impl NativeProbes {
         };
         // Through the target's root: the right file also for a node in a container.
         let path = PathBuf::from(format!("/proc/{}/root{libc}", traced.pid));
+        // Before the entry probes attach: every call they see captures its stack, or none does.
+        if self.stacks > 0
+            && let Err(e) = tracer.set_stack_depth(self.stacks)
+        {
+            log::warn!("--stacks: {e}");
+            self.stacks = 0;
+        }
         let libc_probes = tracer.attach_native(
             &path,
             traced.pid,
@@ -197,10 +207,12 @@ impl NativeProbes {
         }
         match libc_probes {
             Ok(()) => {
-                self.ledger = Some(crate::native::NativeLedger::new(
+                let mut ledger = crate::native::NativeLedger::new(
                     traced.pid,
                     &traced.exe_for_maps.display().to_string(),
-                ));
+                );
+                ledger.set_stack_depth(self.stacks);
+                self.ledger = Some(ledger);
                 self.attached_at_s = Some(t_s);
                 self.reason = why;
                 self.libc = Some(libc);
@@ -218,6 +230,9 @@ impl NativeProbes {
             return;
         };
         ledger.update(tracer.native_sites());
+        if self.stacks > 0 {
+            ledger.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
+        }
         ledger.record_point(s.t_s);
         let native = ledger.outstanding();
         s.native_outstanding = Some(native);
@@ -235,6 +250,9 @@ impl NativeProbes {
         // The totals as they stand at the end (the last sample can be up to an interval old).
         if let Some(l) = self.ledger.as_mut() {
             l.update(tracer.native_sites());
+            if self.stacks > 0 {
+                l.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
+            }
         }
         let mut e = match &self.ledger {
             Some(l) => l.evidence(self.attached_at_s, self.reason),
@@ -319,6 +337,7 @@ fn accounted(
         } else {
             Default::default()
         },
+        carriers_mapped: carriers_live.then(|| ledger.carriers_net()),
     }
 }
 
@@ -354,7 +373,7 @@ async fn sample_loop(
     );
     vm.request(0.0, 0);
     let mut samples = vec![first];
-    let mut native = NativeProbes::new(cfg.native);
+    let mut native = NativeProbes::new(cfg.native, cfg.stacks);
     if cfg.native == NativeMode::On {
         native.attach(&traced, &mut tracer, 0.0, "--native on".into());
     }

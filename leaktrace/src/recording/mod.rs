@@ -1,7 +1,13 @@
 //! A recorded run: everything the verdict needs, written by `--record FILE` and read back by
 //! `leaktrace report FILE`. The verdict is a pure function of a [`Recording`].
 
-use std::{collections::BTreeMap, fs, path::Path};
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Read,
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::Path,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +22,64 @@ pub use vm::{
 
 /// Version of the recording and report.json schema.
 pub const SCHEMA: u32 = 1;
+
+/// Largest file `leaktrace report` reads: 256 MiB. Recordings of real runs are a few hundred
+/// KiB (samples are a few hundred bytes each; censuses and native stacks are capped).
+pub const MAX_RECORDING_BYTES: u64 = 256 << 20;
+
+/// Largest magnitude of any number in a recording: 2^53, where f64 stops counting exactly.
+/// Byte figures beyond it (8 PiB) are not real, and within it sums and differences of them
+/// cannot wrap.
+pub const MAX_NUMBER: u64 = 1 << 53;
+
+/// Longest time a recording may hold, in seconds: 366 days (`--duration` takes at most 365).
+pub const MAX_RECORDED_S: f64 = 366.0 * 86400.0;
+
+/// Refuses any number of magnitude above [`MAX_NUMBER`], naming where it is (`at`: its path).
+fn numbers_in_range(v: &serde_json::Value, at: &mut String) -> Result<(), String> {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => {
+            let ok = if let Some(u) = n.as_u64() {
+                u <= MAX_NUMBER
+            } else if let Some(i) = n.as_i64() {
+                i.unsigned_abs() <= MAX_NUMBER
+            } else {
+                n.as_f64()
+                    .is_some_and(|f| f.is_finite() && f.abs() <= MAX_NUMBER as f64)
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the number {n} at {at} is out of range: leaktrace writes none beyond ±2^53"
+                ))
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = at.len();
+                let _ = std::fmt::Write::write_fmt(at, format_args!("[{i}]"));
+                numbers_in_range(item, at)?;
+                at.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Object(fields) => {
+            for (k, item) in fields {
+                let len = at.len();
+                if !at.is_empty() {
+                    at.push('.');
+                }
+                at.push_str(k);
+                numbers_in_range(item, at)?;
+                at.truncate(len);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
 
 /// A whole run, as recorded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,9 +194,11 @@ pub struct Sample {
     pub rss_anon: Option<u64>,
     /// RssFile + RssShmem.
     pub rss_file: Option<u64>,
-    /// Net carrier bytes since attach (mseg + malloc-backed + literal).
+    /// Net resident bytes of ERTS carriers since attach (mseg + malloc-backed + literal, and
+    /// segments that existed at attach), read from pagemap: comparable with `rss_anon`.
     pub carriers: Option<i64>,
-    /// Net bytes of erts_mmap mappings (default mapper) not held by a carrier, since attach.
+    /// Net resident bytes of erts_mmap mappings (default mapper) not held by a carrier, since
+    /// attach.
     pub mseg_cache: Option<i64>,
     /// VM: sum of blocks sizes (filled by the VM view).
     pub vm_used: Option<u64>,
@@ -144,6 +210,10 @@ pub struct Sample {
     pub baseline: Option<u64>,
     /// What none of the other lines explains.
     pub unexplained: Option<i64>,
+    /// Net mapped carrier bytes since attach (created minus destroyed), beside the resident
+    /// `carriers`: what the cross-check compares with the VM's mapped `carriers_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carriers_mapped: Option<i64>,
     /// Net carrier bytes since attach, per allocator name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub carriers_by_allocator: BTreeMap<String, i64>,
@@ -232,67 +302,416 @@ pub struct TracerStats {
 
 impl Recording {
     /// Reads and validates a recording; a corrupt or foreign file is a clear error.
+    ///
+    /// Only a regular file of at most [`MAX_RECORDING_BYTES`] is read (a FIFO, directory or
+    /// device is refused without blocking on it); every number in it must be within ±2^53
+    /// ([`MAX_NUMBER`]) and the fields must pass [`Recording::validate`].
     pub fn read(path: &Path) -> Result<Recording, Error> {
-        let text = fs::read_to_string(path).map_err(|source| Error::RecordingIo {
+        let io = |source| Error::RecordingIo {
             path: path.to_path_buf(),
             source,
+        };
+        let corrupt = |reason: String| Error::RecordingCorrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let not_file = |meta: &fs::Metadata| Error::RecordingNotFile {
+            path: path.to_path_buf(),
+            kind: crate::report::file_kind(meta.mode()),
+        };
+        let too_large = |size| Error::RecordingTooLarge {
+            path: path.to_path_buf(),
+            size,
+            cap: MAX_RECORDING_BYTES,
+        };
+        // Refused before opening (opening some devices does something); checked again on the
+        // open file, which O_NONBLOCK keeps from waiting for a FIFO's writer.
+        let meta = fs::metadata(path).map_err(io)?;
+        if !meta.is_file() {
+            return Err(not_file(&meta));
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(not_file(&meta));
+        }
+        if meta.len() > MAX_RECORDING_BYTES {
+            return Err(too_large(meta.len()));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_RECORDING_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_RECORDING_BYTES {
+            return Err(too_large(bytes.len() as u64));
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(corrupt("the file is empty".into()));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            corrupt(match e.classify() {
+                serde_json::error::Category::Eof => format!(
+                    "truncated: the JSON ends at line {} column {} before the recording does",
+                    e.line(),
+                    e.column()
+                ),
+                _ => format!("not JSON: {e}"),
+            })
         })?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::RecordingCorrupt {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
         match value.get("schema").and_then(|s| s.as_u64()) {
             Some(s) if s == u64::from(SCHEMA) => {}
             Some(s) => {
-                return Err(Error::RecordingCorrupt {
-                    path: path.to_path_buf(),
-                    reason: format!("schema {s}, this leaktrace reads schema {SCHEMA}"),
-                });
+                return Err(corrupt(format!(
+                    "schema {s}, this leaktrace reads schema {SCHEMA}"
+                )));
             }
             None => {
-                return Err(Error::RecordingCorrupt {
-                    path: path.to_path_buf(),
-                    reason: "no \"schema\" field: not a leaktrace recording".into(),
-                });
+                return Err(corrupt(
+                    "no \"schema\" field: not a leaktrace recording".into(),
+                ));
             }
         }
-        let rec: Recording =
-            serde_json::from_value(value).map_err(|e| Error::RecordingCorrupt {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        rec.validate().map_err(|reason| Error::RecordingCorrupt {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        numbers_in_range(&value, &mut String::new()).map_err(corrupt)?;
+        let rec: Recording = serde_json::from_value(value)
+            .map_err(|e| corrupt(format!("not the shape of a schema {SCHEMA} recording: {e}")))?;
+        rec.validate().map_err(corrupt)?;
         Ok(rec)
     }
 
-    /// Writes the recording as JSON.
+    /// Writes the recording as JSON, atomically (a temporary file beside `path`, synced, then
+    /// renamed over it) and never through a symbolic link at `path`.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
         let text = serde_json::to_string_pretty(self).expect("a recording always serializes");
-        fs::write(path, text).map_err(|source| Error::RecordingIo {
+        crate::report::write_file(path, text.as_bytes()).map_err(|e| Error::Write {
+            what: "the recording",
+            flag: "--record",
             path: path.to_path_buf(),
-            source,
+            reason: e.to_string(),
         })
     }
 
-    /// Checks what serde cannot: times increase, numbers are finite.
+    /// Checks what serde cannot: times are finite, non-negative, within [`MAX_RECORDED_S`] and
+    /// increasing; the interval is positive; the thresholds are finite, their floors not
+    /// negative and their fractions within 0..1.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.duration_s.is_finite() && self.duration_s >= 0.0) {
-            return Err(format!("duration_s is {}", self.duration_s));
-        }
-        if !(self.interval_s.is_finite() && self.interval_s > 0.0) {
-            return Err(format!("interval_s is {}", self.interval_s));
-        }
-        let mut last = f64::NEG_INFINITY;
-        for (i, s) in self.samples.iter().enumerate() {
-            if !s.t_s.is_finite() || s.t_s < last {
-                return Err(format!("sample {i}: t_s {} is not after {last}", s.t_s));
+        let time = |name: &str, v: f64| {
+            if v.is_finite() && (0.0..=MAX_RECORDED_S).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name} is {v}: not a time between 0 and {MAX_RECORDED_S} s (366 days)"
+                ))
             }
-            last = s.t_s;
+        };
+        time("duration_s", self.duration_s)?;
+        time("interval_s", self.interval_s)?;
+        if self.interval_s <= 0.0 {
+            return Err(format!(
+                "interval_s is {}: it must be positive",
+                self.interval_s
+            ));
         }
+        let mut last: Option<f64> = None;
+        for (i, s) in self.samples.iter().enumerate() {
+            time(&format!("sample {i}: t_s"), s.t_s)?;
+            if let Some(last) = last
+                && s.t_s <= last
+            {
+                return Err(format!(
+                    "times go backwards: sample {i} at t_s {} s does not come after sample {} at {last} s",
+                    s.t_s,
+                    i - 1
+                ));
+            }
+            last = Some(s.t_s);
+        }
+        let t = &self.thresholds;
+        let floor = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "thresholds.{name} is {v}: it must be a finite number >= 0"
+                ))
+            }
+        };
+        let fraction = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("thresholds.{name} is {v}: it must be within 0..1"))
+            }
+        };
+        floor("min_growth_bytes_per_s", t.min_growth_bytes_per_s)?;
+        floor("min_total_growth_bytes", t.min_total_growth_bytes)?;
+        time("thresholds.min_duration_s", t.min_duration_s)?;
+        floor("frag_min_free_bytes", t.frag_min_free_bytes)?;
+        fraction("explained_fraction", t.explained_fraction)?;
+        fraction("frag_max_usage", t.frag_max_usage)?;
         Ok(())
+    }
+}
+
+/// Fuzzing the path `leaktrace report FILE` takes: [`Recording::read`] of a file, then judging
+/// and rendering what it accepted. Arbitrary JSON, and real recordings mutated (a field
+/// deleted, a number made huge, negative or fractional, a subtree replaced, the text cut short
+/// or its bytes flipped): nothing may panic, and a refusal is a `RecordingCorrupt` (or, for
+/// bytes that are not UTF-8, a `RecordingIo` of kind InvalidData).
+#[cfg(test)]
+mod fuzz {
+    use std::path::{Path, PathBuf};
+
+    use proptest::prelude::*;
+    use serde_json::{Map, Number, Value, json};
+
+    use super::Recording;
+    use crate::{error::Error, report};
+
+    /// 256 cases of each property (a few seconds in release): CI's time-boxed run.
+    /// PROPTEST_CASES=N fuzzes longer.
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn seed(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/recordings")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The real recordings mutations start from: VM evidence, native evidence, carriers only.
+    fn seeds() -> &'static [(String, Value)] {
+        static SEEDS: std::sync::OnceLock<Vec<(String, Value)>> = std::sync::OnceLock::new();
+        SEEDS.get_or_init(|| {
+            ["healthy.json", "native_leak.json", "carriers_no_vm.json"]
+                .iter()
+                .map(|n| {
+                    let text = seed(n);
+                    let value = serde_json::from_str(&text).unwrap();
+                    (text, value)
+                })
+                .collect()
+        })
+    }
+
+    /// Reads `bytes` as a recording file the way `leaktrace report` does, and on success judges
+    /// and renders it.
+    fn report_of(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path: PathBuf = dir.path().join("rec.json");
+        std::fs::write(&path, bytes).unwrap();
+        match Recording::read(&path) {
+            Ok(rec) => {
+                let r = report::Report::new(rec);
+                let _ = report::to_json(&r);
+                let _ = report::to_markdown(&r);
+                let _ = report::terminal_summary(&r);
+                let _ = r.verdict.kind.exit_code();
+                Ok(())
+            }
+            Err(Error::RecordingCorrupt { reason, .. }) => {
+                prop_assert!(!reason.is_empty());
+                Ok(())
+            }
+            Err(Error::RecordingIo { source, .. })
+                if source.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                Ok(())
+            }
+            Err(other) => Err(TestCaseError::fail(format!("unexpected error: {other}"))),
+        }
+    }
+
+    fn arb_number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from), // NaN and infinities become null
+            prop::sample::select(vec![
+                json!(0),
+                json!(-1),
+                json!(u64::MAX),
+                json!(i64::MIN),
+                json!(1e308),
+                json!(-1e308),
+                json!(5e-324),
+                json!(0.5),
+                json!(18446744073709551616.0),
+            ]),
+        ]
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            arb_number(),
+            "[a-z_]{0,10}".prop_map(Value::String),
+            prop::sample::select(vec![
+                "duration",
+                "target_exited",
+                "native_leak",
+                "NaN",
+                "inf"
+            ])
+            .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_]{1,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    /// JSON pointers of every node under `v`, `v` itself first.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match v {
+            Value::Object(m) => {
+                for (k, c) in m {
+                    let k = k.replace('~', "~0").replace('/', "~1");
+                    pointers(c, format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, c) in a.iter().enumerate() {
+                    pointers(c, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// One change to a parsed recording.
+    #[derive(Clone, Debug)]
+    enum Mutation {
+        /// Remove the node (a field, or an array element).
+        Delete(prop::sample::Index),
+        /// Replace the node, if a number, by this one.
+        Number(prop::sample::Index, Value),
+        /// Replace the node by arbitrary JSON.
+        Replace(prop::sample::Index, Value),
+    }
+
+    fn arb_mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            1 => any::<prop::sample::Index>().prop_map(Mutation::Delete),
+            3 => (any::<prop::sample::Index>(), arb_number())
+                .prop_map(|(i, n)| Mutation::Number(i, n)),
+            1 => (any::<prop::sample::Index>(), arb_json())
+                .prop_map(|(i, v)| Mutation::Replace(i, v)),
+        ]
+    }
+
+    fn apply(v: &mut Value, m: &Mutation) {
+        let mut all = Vec::new();
+        pointers(v, String::new(), &mut all);
+        match m {
+            Mutation::Delete(i) => {
+                let p = &all[i.index(all.len())];
+                let Some((parent, last)) = p.rsplit_once('/') else {
+                    return; // the root
+                };
+                let last = last.replace("~1", "/").replace("~0", "~");
+                match v.pointer_mut(parent) {
+                    Some(Value::Object(o)) => {
+                        o.remove(&last);
+                    }
+                    Some(Value::Array(a)) => {
+                        if let Ok(n) = last.parse::<usize>()
+                            && n < a.len()
+                        {
+                            a.remove(n);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Mutation::Number(i, n) => {
+                let numbers: Vec<&String> = all
+                    .iter()
+                    .filter(|p| v.pointer(p).is_some_and(Value::is_number))
+                    .collect();
+                if numbers.is_empty() {
+                    return;
+                }
+                let p = numbers[i.index(numbers.len())].clone();
+                *v.pointer_mut(&p).unwrap() = n.clone();
+            }
+            Mutation::Replace(i, new) => {
+                let p = &all[i.index(all.len())];
+                *v.pointer_mut(p).unwrap() = new.clone();
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_json_is_read_or_refused(mut v in arb_json(), schema in any::<bool>()) {
+            // With "schema": 1 half the time, to get past the first check.
+            if schema && let Value::Object(o) = &mut v {
+                o.insert("schema".into(), Value::Number(Number::from(super::SCHEMA)));
+            }
+            report_of(serde_json::to_string(&v).unwrap().as_bytes())?;
+        }
+
+        #[test]
+        fn mutated_recordings_are_read_or_refused(
+            which in 0..3usize,
+            mutations in prop::collection::vec(arb_mutation(), 1..4),
+        ) {
+            let mut v = seeds()[which].1.clone();
+            for m in &mutations {
+                apply(&mut v, m);
+            }
+            report_of(serde_json::to_string(&v).unwrap().as_bytes())?;
+        }
+
+        #[test]
+        fn cut_or_flipped_recordings_are_read_or_refused(
+            which in 0..3usize,
+            cut in any::<prop::sample::Index>(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            truncate in any::<bool>(),
+        ) {
+            let mut bytes = seeds()[which].0.clone().into_bytes();
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            for (at, x) in &flips {
+                if !bytes.is_empty() {
+                    let i = at.index(bytes.len());
+                    bytes[i] ^= x;
+                }
+            }
+            report_of(&bytes)?;
+        }
+    }
+
+    #[test]
+    fn the_seeds_themselves_are_read() {
+        for (text, _) in seeds() {
+            report_of(text.as_bytes()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("rec.json");
+            std::fs::write(&path, text).unwrap();
+            Recording::read(&path).unwrap();
+        }
     }
 }

@@ -27,6 +27,46 @@ pub struct NativeEvidence {
     pub sites_full: u64,
     /// Calls whose return was never seen (a slot older than a second replaced).
     pub stale_calls: u64,
+    /// Frames of user stack asked for with `--stacks` (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stack_depth: u32,
+    /// With `--stacks`: allocation stacks (frame-pointer walks, best effort), largest
+    /// outstanding first, [`MAX_STACKS`] at most.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stacks: Vec<NativeStack>,
+    /// With `--stacks`: stacks the kernel walked fewer than 2 frames of (code without frame
+    /// pointers ends the walk) or as many as it keeps (deeper frames cut off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stacks_truncated: Option<u64>,
+    /// With `--stacks`: calls whose stack was not recorded (the stack map full or its bucket
+    /// taken, an unreadable stack, the (site, stack) map full); their sites count them still.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_errors: Option<u64>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Most stacks a recording keeps.
+pub const MAX_STACKS: usize = 200;
+
+/// Native allocations made through one user stack (`--stacks`), since the probes attached.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NativeStack {
+    /// Innermost first, `object: function` (or `object: 0xADDRESS` without a symbol). The first
+    /// is the allocating call's site (its return address, exact without frame pointers); the
+    /// rest are what the kernel's frame-pointer walk found past it.
+    pub frames: Vec<String>,
+    /// Allocated through the NIF/driver API (inside ERTS carriers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nif_api: bool,
+    /// Allocations made.
+    pub allocations: u64,
+    /// Of those, freed.
+    pub frees: u64,
+    /// Bytes allocated and not freed.
+    pub outstanding_bytes: i64,
 }
 
 impl NativeEvidence {

@@ -53,10 +53,11 @@ pub fn parse_allocator_sizes(name: &str, reply: &Term) -> Result<Vec<AllocatorUs
                 .and_then(|t| t.get(1))
                 .and_then(uint)
                 .unwrap_or(0);
-            usage.blocks += blocks;
-            usage.carriers += carriers;
+            // Saturating: the figures come from the node, a bogus bignum must not wrap.
+            usage.blocks = usage.blocks.saturating_add(blocks);
+            usage.carriers = usage.carriers.saturating_add(carriers);
             if kind == "mbcs_pool" {
-                usage.pool_carriers += carriers;
+                usage.pool_carriers = usage.pool_carriers.saturating_add(carriers);
             }
         }
         out.push(usage);
@@ -81,14 +82,20 @@ fn blocks_bytes(items: &[Term]) -> u64 {
             let stats = list(t.get(1)?)?;
             prop(stats, "size").and_then(|s| s.get(1)).and_then(uint)
         })
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 /// A `{Name, GigaCalls, Calls}` counter.
 fn calls(items: &[Term], key: &str) -> u64 {
     prop(items, key)
         .filter(|t| t.len() == 3)
-        .and_then(|t| Some(uint(&t[1])? * 1_000_000_000 + uint(&t[2])?))
+        .and_then(|t| {
+            Some(
+                uint(&t[1])?
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(uint(&t[2])?),
+            )
+        })
         .unwrap_or(0)
 }
 
@@ -107,12 +114,18 @@ pub fn parse_mseg_cache(reply: &Term) -> Option<MsegCache> {
             continue;
         };
         seen = true;
-        out.alloc_calls += calls(counters, "mseg_alloc");
-        out.create_calls += calls(counters, "mseg_create");
+        out.alloc_calls = out
+            .alloc_calls
+            .saturating_add(calls(counters, "mseg_alloc"));
+        out.create_calls = out
+            .create_calls
+            .saturating_add(calls(counters, "mseg_create"));
         if let Some(status) = prop_value(scope, "status").and_then(list) {
-            out.cached_segments += prop_value(status, "cached_segments")
-                .and_then(uint)
-                .unwrap_or(0);
+            out.cached_segments = out.cached_segments.saturating_add(
+                prop_value(status, "cached_segments")
+                    .and_then(uint)
+                    .unwrap_or(0),
+            );
         }
     }
     seen.then_some(out)
@@ -218,18 +231,21 @@ pub fn dedup_binaries(per_process: &[Option<Vec<BinaryRef>>]) -> (Vec<Option<Hel
             Some(m)
         })
         .collect();
-    let total = holders.values().map(|(size, _)| size).sum();
+    let total = holders
+        .values()
+        .map(|(size, _)| *size)
+        .fold(0, u64::saturating_add);
     let held = own
         .into_iter()
         .map(|m| {
             let m = m?;
             let mut h = HeldBinaries::default();
             for (id, (size, refc, count)) in m {
-                h.distinct_bytes += size;
+                h.distinct_bytes = h.distinct_bytes.saturating_add(size);
                 h.refs += count;
                 let others = holders.get(&id).is_some_and(|(_, n)| *n > 1);
                 if others || refc > count {
-                    h.shared_bytes += size;
+                    h.shared_bytes = h.shared_bytes.saturating_add(size);
                 }
             }
             Some(h)
@@ -585,5 +601,354 @@ mod tests {
         let pt = parse_persistent_term(&Term::from(erl_dist::term::Map::from(m))).unwrap();
         assert_eq!((pt.count, pt.memory), (3, 4096));
         assert_eq!(parse_persistent_term(&a("x")), None);
+    }
+
+    // Property tests: every reply is untrusted input, so arbitrary terms, and well-formed
+    // replies with one subterm replaced by an arbitrary one, must never panic a parser; and a
+    // well-formed allocator_sizes reply must sum exactly.
+
+    use erl_dist::term::{BigInteger, Binary, Float, ImproperList, Map, Pid};
+    use proptest::prelude::*;
+
+    /// The atoms the parsers look for, so that random trees hit their paths.
+    const KEYS: &[&str] = &[
+        "instance",
+        "mbcs",
+        "sbcs",
+        "mbcs_pool",
+        "blocks",
+        "blocks_size",
+        "carriers_size",
+        "size",
+        "memkind",
+        "calls",
+        "mseg_alloc",
+        "mseg_create",
+        "status",
+        "cached_segments",
+        "count",
+        "memory",
+        "registered_name",
+        "message_queue_len",
+        "initial_call",
+        "ets_alloc",
+        "binary_alloc",
+        "total",
+        "glibc",
+        "undefined",
+    ];
+
+    /// 256 cases (well under a second in release): CI's time-boxed run. PROPTEST_CASES=N fuzzes
+    /// longer.
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn arb_atom() -> impl Strategy<Value = Term> {
+        prop_oneof![
+            3 => prop::sample::select(KEYS).prop_map(a),
+            1 => "[a-z_]{0,8}".prop_map(|s| a(&s)),
+        ]
+    }
+
+    /// Integers as the node sends them: fixnums, and bignums up to and past i64/u64.
+    fn arb_int() -> impl Strategy<Value = Term> {
+        prop_oneof![
+            any::<i32>().prop_map(small),
+            (0i32..1 << 20).prop_map(small),
+            any::<i64>().prop_map(|v| Term::from(BigInteger::from(v))),
+            any::<u64>().prop_map(|v| Term::from(BigInteger::from(v))),
+            prop::sample::select(vec![i64::MAX, i64::MIN, -1, u32::MAX as i64 + 1])
+                .prop_map(|v| Term::from(BigInteger::from(v))),
+            Just(Term::from(BigInteger::from(u64::MAX))),
+        ]
+    }
+
+    fn arb_leaf() -> impl Strategy<Value = Term> {
+        prop_oneof![
+            4 => arb_atom(),
+            4 => arb_int(),
+            1 => any::<f64>()
+                .prop_filter_map("finite", |f| Float::try_from(f).ok())
+                .prop_map(Term::from),
+            1 => prop::collection::vec(any::<u8>(), 0..16)
+                .prop_map(|b| Term::from(Binary::from(b))),
+            1 => (any::<u32>(), any::<u32>())
+                .prop_map(|(i, s)| Term::from(Pid::from(("n@h", i, s)))),
+        ]
+    }
+
+    /// Trees of lists, tuples, maps and improper lists, nested up to depth 4.
+    fn arb_term() -> impl Strategy<Value = Term> {
+        arb_leaf().prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(l),
+                prop::collection::vec(inner.clone(), 0..6).prop_map(t),
+                prop::collection::vec((arb_atom(), inner.clone()), 0..4).prop_map(|kv| {
+                    Term::from(Map::from(kv.into_iter().collect::<HashMap<_, _>>()))
+                }),
+                (prop::collection::vec(inner.clone(), 1..4), inner).prop_map(|(e, last)| {
+                    Term::from(ImproperList {
+                        elements: e,
+                        last: Box::new(last),
+                    })
+                }),
+            ]
+        })
+    }
+
+    /// Number of subterms of `term`, itself included.
+    fn subterms(term: &Term) -> usize {
+        1 + match term {
+            Term::List(x) => x.elements.iter().map(subterms).sum(),
+            Term::Tuple(x) => x.elements.iter().map(subterms).sum(),
+            Term::ImproperList(x) => {
+                x.elements.iter().map(subterms).sum::<usize>() + subterms(&x.last)
+            }
+            Term::Map(x) => x.map.values().map(subterms).sum(),
+            _ => 0,
+        }
+    }
+
+    /// `term` with its `n`th subterm (pre-order) replaced by `with`.
+    fn replace(term: &mut Term, n: &mut usize, with: &Term) -> bool {
+        if *n == 0 {
+            *term = with.clone();
+            return true;
+        }
+        *n -= 1;
+        let children: Vec<&mut Term> = match term {
+            Term::List(x) => x.elements.iter_mut().collect(),
+            Term::Tuple(x) => x.elements.iter_mut().collect(),
+            Term::ImproperList(x) => {
+                let mut c: Vec<&mut Term> = x.elements.iter_mut().collect();
+                c.push(&mut x.last);
+                c
+            }
+            Term::Map(x) => x.map.values_mut().collect(),
+            _ => Vec::new(),
+        };
+        children.into_iter().any(|c| replace(c, n, with))
+    }
+
+    /// Every parser of node replies, fed `term`: none may panic.
+    fn parse_all(term: &Term) {
+        let _ = parse_allocator_sizes("ets_alloc", term);
+        let _ = parse_mseg_cache(term);
+        let _ = parse_memory(term);
+        let _ = parse_persistent_term(term);
+        let _ = parse_binary_list(term);
+        if let Some(row) = parse_process_row(0, term) {
+            let _ = group_processes(&[row], &Translated::default(), 10);
+        }
+        let _ = disabled_allocators(&["ets_alloc".to_owned(), "eheap_alloc".to_owned()], term);
+        let refs = parse_binary_list(term);
+        let _ = dedup_binaries(&[refs.clone(), refs]);
+        let _ = display(term);
+    }
+
+    /// One carrier kind of a well-formed reply: its props and the blocks and carriers it adds.
+    #[derive(Clone, Debug)]
+    struct Kind {
+        name: &'static str,
+        /// Block sizes per owner (OTP 23+), or one `blocks_size` (before).
+        owners: Vec<u32>,
+        old_format: bool,
+        carriers: u32,
+        /// Props leaktrace does not read, before and after the ones it does.
+        noise: bool,
+    }
+
+    fn arb_kind() -> impl Strategy<Value = Kind> {
+        (
+            prop::sample::select(vec!["mbcs", "sbcs", "mbcs_pool"]),
+            prop::collection::vec(0u32..1 << 30, 0..4),
+            any::<bool>(),
+            0u32..1 << 31,
+            any::<bool>(),
+        )
+            .prop_map(|(name, owners, old_format, carriers, noise)| Kind {
+                name,
+                owners,
+                old_format,
+                carriers,
+                noise,
+            })
+    }
+
+    fn kind_term(k: &Kind) -> Term {
+        let size = |v: u32| {
+            l(vec![t(vec![
+                a("size"),
+                Term::from(BigInteger::from(v)),
+                small(0),
+                small(0),
+            ])])
+        };
+        let mut props = Vec::new();
+        if k.noise {
+            props.push(t(vec![a("blocks_count"), small(7), small(7), small(7)]));
+        }
+        if k.old_format {
+            let sum: u64 = k.owners.iter().map(|&v| u64::from(v)).sum();
+            props.push(t(vec![
+                a("blocks_size"),
+                Term::from(BigInteger::from(sum)),
+                small(0),
+                small(0),
+            ]));
+        } else {
+            let owners = ["ets_alloc", "binary_alloc", "eheap_alloc", "temp_alloc"];
+            props.push(t(vec![
+                a("blocks"),
+                l(k.owners
+                    .iter()
+                    .zip(owners)
+                    .map(|(&v, o)| t(vec![a(o), size(v)]))
+                    .collect()),
+            ]));
+        }
+        let carriers = Term::from(BigInteger::from(k.carriers));
+        props.push(if k.name == "mbcs_pool" {
+            t(vec![a("carriers_size"), carriers])
+        } else {
+            t(vec![a("carriers_size"), carriers, small(0), small(0)])
+        });
+        if k.noise {
+            props.push(t(vec![a("carriers"), small(1), small(1), small(1)]));
+        }
+        t(vec![a(k.name), l(props)])
+    }
+
+    /// A well-formed allocator_sizes reply: instances of distinct carrier kinds.
+    fn arb_allocator_sizes() -> impl Strategy<Value = Vec<Vec<Kind>>> {
+        prop::collection::vec(
+            prop::collection::vec(arb_kind(), 0..3).prop_map(|mut kinds| {
+                kinds.sort_by_key(|k| k.name);
+                kinds.dedup_by_key(|k| k.name);
+                kinds
+            }),
+            0..5,
+        )
+    }
+
+    fn allocator_sizes_term(instances: &[Vec<Kind>]) -> Term {
+        l(instances
+            .iter()
+            .enumerate()
+            .map(|(i, kinds)| {
+                let mut props: Vec<Term> = kinds.iter().map(kind_term).collect();
+                props.insert(0, t(vec![a("versions"), l(vec![]), l(vec![])]));
+                t(vec![a("instance"), small(i as i32), l(props)])
+            })
+            .collect())
+    }
+
+    /// Well-formed replies of the other calls, with arbitrary integers where counts go.
+    fn arb_shaped() -> impl Strategy<Value = Term> {
+        let mseg = prop::collection::vec((arb_int(), arb_int(), arb_int(), any::<bool>()), 0..3)
+            .prop_map(|insts| {
+                l(insts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (g, n, cached, nested))| {
+                        let scope = vec![
+                            t(vec![
+                                a("status"),
+                                l(vec![t(vec![a("cached_segments"), cached])]),
+                            ]),
+                            t(vec![
+                                a("calls"),
+                                l(vec![
+                                    t(vec![a("mseg_alloc"), g.clone(), n.clone()]),
+                                    t(vec![a("mseg_create"), g, n]),
+                                ]),
+                            ]),
+                        ];
+                        let props = if nested {
+                            vec![t(vec![a("memkind"), l(scope)])]
+                        } else {
+                            scope
+                        };
+                        t(vec![a("instance"), small(i as i32), l(props)])
+                    })
+                    .collect())
+            });
+        let memory = prop::collection::vec((arb_atom(), arb_int()), 0..6)
+            .prop_map(|kv| l(kv.into_iter().map(|(k, v)| t(vec![k, v])).collect()));
+        let persistent = (arb_int(), arb_int()).prop_map(|(c, m)| {
+            let mut map = HashMap::new();
+            map.insert(a("count"), c);
+            map.insert(a("memory"), m);
+            Term::from(Map::from(map))
+        });
+        let binaries = prop::collection::vec((arb_int(), arb_int(), arb_int()), 0..6)
+            .prop_map(|bs| l(bs.into_iter().map(|(i, s, r)| t(vec![i, s, r])).collect()));
+        let row = (arb_int(), arb_int(), arb_term()).prop_map(|(m, q, call)| {
+            l(vec![
+                t(vec![a("memory"), m]),
+                t(vec![a("message_queue_len"), q]),
+                t(vec![a("registered_name"), a("my_server")]),
+                t(vec![a("initial_call"), call]),
+            ])
+        });
+        prop_oneof![mseg, memory, persistent, binaries, row]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn parsers_never_panic_on_arbitrary_terms(term in arb_term()) {
+            parse_all(&term);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_shaped_replies_with_a_bad_subterm(
+            base in prop_oneof![
+                arb_allocator_sizes().prop_map(|i| allocator_sizes_term(&i)),
+                arb_shaped(),
+            ],
+            at in any::<prop::sample::Index>(),
+            with in arb_term(),
+        ) {
+            parse_all(&base);
+            let mut bad = base.clone();
+            let mut n = at.index(subterms(&base));
+            prop_assert!(replace(&mut bad, &mut n, &with));
+            parse_all(&bad);
+        }
+
+        #[test]
+        fn allocator_sizes_sum_blocks_and_carriers(instances in arb_allocator_sizes()) {
+            let usage = parse_allocator_sizes("ets_alloc", &allocator_sizes_term(&instances))
+                .unwrap();
+            prop_assert_eq!(usage.len(), instances.len());
+            for (i, (u, kinds)) in usage.iter().zip(&instances).enumerate() {
+                let blocks: u64 = kinds
+                    .iter()
+                    .flat_map(|k| &k.owners)
+                    .map(|&v| u64::from(v))
+                    .sum();
+                let carriers: u64 = kinds.iter().map(|k| u64::from(k.carriers)).sum();
+                let pool: u64 = kinds
+                    .iter()
+                    .filter(|k| k.name == "mbcs_pool")
+                    .map(|k| u64::from(k.carriers))
+                    .sum();
+                prop_assert_eq!(u.instance as usize, i);
+                prop_assert_eq!(&u.name, "ets_alloc");
+                prop_assert_eq!(u.blocks, blocks);
+                prop_assert_eq!(u.carriers, carriers);
+                prop_assert_eq!(u.pool_carriers, pool);
+            }
+        }
     }
 }
