@@ -333,6 +333,11 @@ pub mod native_limits {
 /// `stack_id` of a call whose user stack was not captured (`--stacks 0`, or the capture failed).
 pub const NO_STACK: i64 = -1;
 
+/// `stack_id` of a call whose frame pointer (`rbp`) pointed nowhere near its stack: code
+/// without frame pointers, where a walk would read data as frames (and fill the stack map with
+/// a new stack a call). Kept in `STACK_SITES` as a stack of the call site alone.
+pub const NO_WALK: i64 = -2;
+
 const _: () = assert!(counter::HITS_BASE + probe_id::COUNT <= counter::STACK_ERRORS);
 
 /// Indices into the 1-element-per-option `NATIVE_CONFIG` array, written by userspace before the
@@ -351,7 +356,7 @@ pub mod native_config {
 pub struct StackSiteKey {
     /// Site key, as in `NATIVE_SITES` (with [`NIF_API_SITE`] for NIF API calls).
     pub site: u64,
-    /// Stack id in the `STACKS` map (never [`NO_STACK`] here).
+    /// Stack id in the `STACKS` map, or [`NO_WALK`] (never [`NO_STACK`] here).
     pub stack_id: i64,
 }
 

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    NIF_API_SITE, NO_STACK, NativeOutstanding, NativePending, NativeSite, NifResource,
+    NIF_API_SITE, NO_STACK, NO_WALK, NativeOutstanding, NativePending, NativeSite, NifResource,
     StackSiteKey, counter, native_config, probe_id as P,
 };
 
@@ -31,6 +31,8 @@ use crate::maps::{
 
 /// A pending call older than this lost its return (longjmp, thread killed): replaced.
 const STALE_NS: u64 = 1_000_000_000;
+/// Farthest a frame pointer is taken to be above the stack pointer (a thread's stack).
+const MAX_FRAME_SPAN: u64 = 8 << 20;
 /// `MAP_ANONYMOUS` on x86-64.
 const MAP_ANONYMOUS: u64 = 0x20;
 
@@ -95,12 +97,20 @@ fn capture(ctx: &ProbeContext, key: u32) {
         return;
     }
     // The kernel walks frame pointers from the registers at the probe: frame 0 is the probe's
-    // own address; frames of code without frame pointers are skipped or end the walk.
-    let id = unsafe { bpf_get_stackid(ctx.as_ptr(), STACKS.as_ptr(), BPF_F_USER_STACK as u64) };
-    if id < 0 {
-        bump(counter::STACK_ERRORS);
-        return;
-    }
+    // own address; frames of code without frame pointers are skipped or end the walk. Where
+    // `rbp` is no frame pointer at all (it points off this thread's stack) the walk would read
+    // data as frames, a new stack nearly every call: the call keeps its site alone.
+    let (sp, bp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
+    let id = if bp > sp && bp - sp < MAX_FRAME_SPAN && bp & 7 == 0 {
+        let id = unsafe { bpf_get_stackid(ctx.as_ptr(), STACKS.as_ptr(), BPF_F_USER_STACK as u64) };
+        if id < 0 {
+            bump(counter::STACK_ERRORS);
+            return;
+        }
+        id
+    } else {
+        NO_WALK
+    };
     if let Some(call) = NATIVE_PENDING.get_ptr_mut(&key) {
         unsafe { (*call).stack_id = id };
     }
@@ -132,7 +142,7 @@ fn site_entry(site: u64) -> Option<*mut NativeSite> {
 
 /// This CPU's totals of `site` reached by stack `stack_id` (None without a stack).
 fn stack_entry(site: u64, stack_id: i64) -> Option<*mut NativeSite> {
-    if stack_id < 0 {
+    if stack_id == NO_STACK {
         return None;
     }
     let key = StackSiteKey { site, stack_id };
@@ -165,7 +175,7 @@ fn add_free(s: *mut NativeSite, size: u64) {
 
 /// Credits a free of an allocation made at `site` by stack `stack_id` (the stack's totals).
 fn stack_freed(site: u64, stack_id: i64, size: u64) {
-    if stack_id < 0 {
+    if stack_id == NO_STACK {
         return;
     }
     if let Some(s) = STACK_SITES.get_ptr_mut(&StackSiteKey { site, stack_id }) {

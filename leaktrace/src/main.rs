@@ -45,7 +45,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
             let finished = runtime.block_on(session::trace(&launch, &cfg))?;
             // Verdict first, then --out, then --record (see `emit`).
             let emitted = emit(Report::new(finished.recording), &cfg);
-            // The probes leave the kernel while the report is written; exit only when gone.
+            // Whoever reads the report (a pipe, a test) has it all now; the probes leave the
+            // kernel one grace period each, and the process exits only when they are gone.
+            release_stdout();
             finished.detaching.wait();
             emitted
         }
@@ -125,29 +127,43 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
         census: &census,
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&snapshot).expect("serializable")
-        );
+        out(&serde_json::to_string_pretty(&snapshot).expect("serializable"));
     } else {
-        print!("{}", render::text(&snapshot));
+        out(render::text(&snapshot).trim_end());
     }
     Ok(0)
 }
 
 /// Prints the verdict (summary or report.json) first, then writes `--out` and `--record`: a
 /// failed write never hides the verdict. Failures are errors after it (exit 2), each one said.
+/// Prints a line on stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
+}
+
+/// Ends stdout (the reader sees end of file) while the process still has work to do.
+fn release_stdout() {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto fd 1 replaces stdout with /dev/null; both fds are valid.
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
+    }
+}
+
 fn emit(report: Report, cfg: &TraceConfig) -> Result<u8, Error> {
     if cfg.json {
-        println!("{}", report::to_json(&report));
+        out(&report::to_json(&report));
     } else {
-        println!("{}", report::terminal_summary(&report));
+        out(&report::terminal_summary(&report));
     }
     let _ = std::io::stdout().flush();
     let mut failed = Vec::new();
     if let Some(dir) = &cfg.out {
         match report::write_dir(&report, dir) {
-            Ok(()) if !cfg.json => println!("report: {}", dir.join("report.md").display()),
+            Ok(()) if !cfg.json => out(&format!("report: {}", dir.join("report.md").display())),
             Ok(()) => {}
             Err(e) => failed.push(e),
         }

@@ -16,7 +16,7 @@ use blazesym::{
         source::{Process, Source},
     },
 };
-use leaktrace_common::{NIF_API_SITE, NativeSite, StackSiteKey, native_limits};
+use leaktrace_common::{NIF_API_SITE, NO_WALK, NativeSite, StackSiteKey, native_limits};
 
 use crate::recording::{
     NativeEvidence, NativeModule, NativePoint,
@@ -35,6 +35,8 @@ pub struct Mapping {
     pub end: u64,
     /// Path as the target sees it.
     pub path: String,
+    /// Mapped executable: code.
+    pub exec: bool,
 }
 
 /// Parses `/proc/PID/maps` text: file-backed mappings only.
@@ -43,7 +45,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
         .filter_map(|line| {
             let mut f = line.split_whitespace();
             let range = f.next()?;
-            let _perms = f.next()?;
+            let perms = f.next()?;
             let (_off, _dev, _inode) = (f.next()?, f.next()?, f.next()?);
             let path: String = f.collect::<Vec<_>>().join(" ");
             let (a, b) = range.split_once('-')?;
@@ -51,6 +53,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
                 start: u64::from_str_radix(a, 16).ok()?,
                 end: u64::from_str_radix(b, 16).ok()?,
                 path,
+                exec: perms.as_bytes().get(2) == Some(&b'x'),
             })
         })
         .filter(|m| m.path.starts_with('/'))
@@ -157,28 +160,50 @@ impl NativeLedger {
             return;
         }
         let mut unnamed: Vec<u64> = Vec::new();
+        let mut maps_read = false;
         for (key, stats) in sites {
+            let new_key = self.stack_sites.insert(key, stats).is_none();
+            if key.stack_id == NO_WALK {
+                // No walk (no frame pointer): the site alone, a truncated stack.
+                let site = key.site & !NIF_API_SITE;
+                if new_key {
+                    self.stacks_truncated += 1;
+                    if !self.frame_names.contains_key(&site) {
+                        unnamed.push(site);
+                    }
+                }
+                continue;
+            }
             let Ok(id) = u32::try_from(key.stack_id) else {
                 continue;
             };
-            let new_key = self.stack_sites.insert(key, stats).is_none();
             let new_id = !self.stack_ips.contains_key(&id);
             if new_id {
                 // Not readable (yet): the totals stay, the frames are asked again next time.
                 let Some(ips) = frames_of(id) else {
                     continue;
                 };
-                if is_truncated(&ips) {
-                    self.stacks_truncated += 1;
+                // A library loaded since the maps were read: its frames are code too.
+                if !maps_read
+                    && ips
+                        .iter()
+                        .skip(1)
+                        .any(|a| plausible(*a) && self.mapping_of(*a).is_none())
+                {
+                    self.maps = read_maps(self.pid);
+                    maps_read = true;
                 }
-                if std::env::var_os("LT_DEBUG_STACKS").is_some() {
-                    eprintln!("DEBUG stack {id} site {:#x}: {:x?}", key.site, ips);
+                if is_truncated(&ips, |a| self.is_code(a)) {
+                    self.stacks_truncated += 1;
                 }
                 self.stack_ips.insert(id, ips);
             }
             if new_id || new_key {
+                let frames = stack_frames(key.site, &self.stack_ips[&id], self.stack_depth, |a| {
+                    self.is_code(a)
+                });
                 unnamed.extend(
-                    stack_frames(key.site, &self.stack_ips[&id], self.stack_depth)
+                    frames
                         .into_iter()
                         .filter(|a| !self.frame_names.contains_key(a)),
                 );
@@ -189,7 +214,7 @@ impl NativeLedger {
         if unnamed.is_empty() {
             return;
         }
-        if unnamed.iter().any(|a| self.mapping_of(*a).is_none()) {
+        if !maps_read && unnamed.iter().any(|a| self.mapping_of(*a).is_none()) {
             self.maps = read_maps(self.pid);
         }
         let lookups: Vec<u64> = unnamed.iter().map(|a| a.saturating_sub(1)).collect();
@@ -201,6 +226,11 @@ impl NativeLedger {
             self.frame_names
                 .insert(addr, frame_label(&module, function.as_deref(), addr));
         }
+    }
+
+    /// Whether a frame address lies in mapped code: a walk that leaves it went wrong.
+    fn is_code(&self, addr: u64) -> bool {
+        plausible(addr) && self.mapping_of(addr).is_some_and(|m| m.exec)
     }
 
     /// The name of a frame address: as symbolized, else its object's.
@@ -218,16 +248,22 @@ impl NativeLedger {
     pub fn stacks(&self) -> Vec<NativeStack> {
         let mut by: BTreeMap<(Vec<String>, bool), NativeStack> = BTreeMap::new();
         for (key, stats) in &self.stack_sites {
-            let Some(ips) = u32::try_from(key.stack_id)
-                .ok()
-                .and_then(|id| self.stack_ips.get(&id))
-            else {
-                continue;
+            let ips: &[u64] = if key.stack_id == NO_WALK {
+                &[]
+            } else {
+                match u32::try_from(key.stack_id)
+                    .ok()
+                    .and_then(|id| self.stack_ips.get(&id))
+                {
+                    Some(ips) => ips,
+                    None => continue,
+                }
             };
-            let frames: Vec<String> = stack_frames(key.site, ips, self.stack_depth)
-                .into_iter()
-                .map(|a| self.frame_name(a))
-                .collect();
+            let frames: Vec<String> =
+                stack_frames(key.site, ips, self.stack_depth, |a| self.is_code(a))
+                    .into_iter()
+                    .map(|a| self.frame_name(a))
+                    .collect();
             let nif_api = key.site & NIF_API_SITE != 0;
             let s = by
                 .entry((frames.clone(), nif_api))
@@ -409,33 +445,39 @@ impl NativeLedger {
     }
 }
 
-/// Whether `addr` can be a user-space code address (x86-64, 47-bit user half). A frame-pointer
-/// walk through code without frame pointers reads whatever `rbp` points at: its first
-/// impossible address ends the stack.
+/// Whether `addr` can be a user-space address (x86-64, 47-bit user half).
 fn plausible(addr: u64) -> bool {
     (0x1000..=0x7fff_ffff_ffff).contains(&addr)
 }
 
-/// The kernel's frames up to the first impossible one.
-fn walked(kernel_frames: &[u64]) -> &[u64] {
-    let n = kernel_frames.iter().take_while(|a| plausible(**a)).count();
+/// The kernel's frames up to the first outside code (`is_code`): a frame-pointer walk through
+/// code without frame pointers reads whatever `rbp` points at, data as frames.
+fn walked(kernel_frames: &[u64], is_code: impl Fn(u64) -> bool) -> &[u64] {
+    let n = kernel_frames.iter().take_while(|a| is_code(**a)).count();
     &kernel_frames[..n]
 }
 
-/// Whether the kernel's walk of a stack was cut short: fewer than 2 frames (the probe's own
-/// address and nothing past it: the code below has no frame pointers) or as many as it keeps.
-pub fn is_truncated(kernel_frames: &[u64]) -> bool {
-    walked(kernel_frames).len() < 2 || kernel_frames.len() >= native_limits::STACK_DEPTH as usize
+/// Whether the kernel's walk of a stack was cut short: fewer than 2 frames in code (the
+/// probe's own address and nothing past it: the code below has no frame pointers) or as many as
+/// it keeps.
+pub fn is_truncated(kernel_frames: &[u64], is_code: impl Fn(u64) -> bool) -> bool {
+    walked(kernel_frames, is_code).len() < 2
+        || kernel_frames.len() >= native_limits::STACK_DEPTH as usize
 }
 
 /// The frames of an allocation stack as reported, innermost first, `depth` at most: the call's
 /// site (the return address the probe read at `[rsp]`: exact without frame pointers), then the
 /// kernel's frames past its first (the probe's own address, inside the allocator) and past
 /// copies of the site (a kernel that adds `[rsp]` to stacks taken at a function's entry), up to
-/// the first impossible address.
-pub fn stack_frames(site: u64, kernel_frames: &[u64], depth: usize) -> Vec<u64> {
+/// the first outside code (`is_code`).
+pub fn stack_frames(
+    site: u64,
+    kernel_frames: &[u64],
+    depth: usize,
+    is_code: impl Fn(u64) -> bool,
+) -> Vec<u64> {
     let site = site & !NIF_API_SITE;
-    let rest = walked(kernel_frames).get(1..).unwrap_or_default();
+    let rest = walked(kernel_frames, is_code).get(1..).unwrap_or_default();
     let rest = &rest[rest.iter().take_while(|a| **a == site).count()..];
     std::iter::once(site)
         .chain(rest.iter().copied())
@@ -506,6 +548,7 @@ mod tests {
         let maps = parse_maps(text);
         assert_eq!(maps.len(), 3);
         assert_eq!(maps[2].path, "/tmp/my dir/lt_native.so");
+        assert!(maps[0].exec && maps[1].exec && maps[2].exec);
         assert_eq!(
             find_libc(&maps).as_deref(),
             Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
@@ -521,11 +564,13 @@ mod tests {
                 start: 0x1000,
                 end: 0x2000,
                 path: "/x/beam.smp".into(),
+                exec: true,
             },
             Mapping {
                 start: 0x5000,
                 end: 0x6000,
                 path: "/x/lt_native.so".into(),
+                exec: true,
             },
         ];
         let site = |a, b| NativeSite {
@@ -553,38 +598,49 @@ mod tests {
     }
 
     #[test]
-    fn stack_frames_start_at_the_site_and_end_where_the_walk_went_wrong() {
+    fn stack_frames_start_at_the_site_and_end_where_the_walk_left_code() {
+        // libc at 0x9000, beam.smp at 0x1000, the NIF at 0x5000.
+        let code = |a: u64| {
+            (0x1000..0x2000).contains(&a)
+                || (0x5000..0x6000).contains(&a)
+                || (0x9000..0xa000).contains(&a)
+        };
         let site = 0x5100;
         // The probe's own address (in libc's malloc) is dropped, the site leads.
-        assert_eq!(stack_frames(site, &[0x9000], 8), vec![0x5100]);
+        assert_eq!(stack_frames(site, &[0x9000], 8, code), vec![0x5100]);
         assert_eq!(
-            stack_frames(site, &[0x9000, 0x1200, 0x1300], 8),
+            stack_frames(site, &[0x9000, 0x1200, 0x1300], 8, code),
             vec![0x5100, 0x1200, 0x1300]
         );
         // A kernel that adds [rsp] at a function's entry: the site once.
         assert_eq!(
-            stack_frames(site, &[0x9000, 0x5100, 0x1200], 8),
+            stack_frames(site, &[0x9000, 0x5100, 0x1200], 8, code),
             vec![0x5100, 0x1200]
         );
-        // A walk through code without frame pointers ends at its first impossible address.
+        // A walk through code without frame pointers ends at its first frame outside code.
         assert_eq!(
-            stack_frames(site, &[0x9000, 0x1200, 0x8948_e855_8d48_5354, 0x1300], 8),
+            stack_frames(site, &[0x9000, 0x1200, 0x7f9d_f97f_1d18, 0x1300], 8, code),
             vec![0x5100, 0x1200]
+        );
+        assert_eq!(
+            stack_frames(site, &[0x9000, 0x8948_e855_8d48_5354], 8, code),
+            vec![0x5100]
         );
         // `--stacks N` keeps N frames; NIF API sites are named without their flag bit.
         assert_eq!(
-            stack_frames(site | NIF_API_SITE, &[0x9000, 0x1200, 0x1300], 2),
+            stack_frames(site | NIF_API_SITE, &[0x9000, 0x1200, 0x1300], 2, code),
             vec![0x5100, 0x1200]
         );
-        assert!(stack_frames(site, &[], 0).is_empty());
+        assert!(stack_frames(site, &[], 0, code).is_empty());
 
-        assert!(is_truncated(&[]));
-        assert!(is_truncated(&[0x9000]));
-        assert!(is_truncated(&[0x9000, 0x8948_e855_8d48_5354]));
-        assert!(!is_truncated(&[0x9000, 0x1200]));
+        assert!(is_truncated(&[], code));
+        assert!(is_truncated(&[0x9000], code));
+        assert!(is_truncated(&[0x9000, 0x2b], code));
+        assert!(is_truncated(&[0x9000, 0x7f9d_f97f_1d18, 0x1200], code));
+        assert!(!is_truncated(&[0x9000, 0x1200], code));
         let full = vec![0x1200; native_limits::STACK_DEPTH as usize];
-        assert!(is_truncated(&full));
-        assert!(!is_truncated(&full[1..]));
+        assert!(is_truncated(&full, code));
+        assert!(!is_truncated(&full[1..], code));
 
         assert_eq!(
             frame_label("lt_native.so", Some("leak_malloc"), 0x5100),
@@ -596,17 +652,16 @@ mod tests {
     #[test]
     fn stacks_are_summed_by_their_frames_and_ranked_by_outstanding_bytes() {
         let mut l = NativeLedger::new(std::process::id(), "/x/beam.smp");
+        let code = |start, path: &str| Mapping {
+            start,
+            end: start + 0x1000,
+            path: path.into(),
+            exec: true,
+        };
         l.maps = vec![
-            Mapping {
-                start: 0x1000,
-                end: 0x2000,
-                path: "/x/beam.smp".into(),
-            },
-            Mapping {
-                start: 0x5000,
-                end: 0x6000,
-                path: "/x/lt_native.so".into(),
-            },
+            code(0x1000, "/x/beam.smp"),
+            code(0x5000, "/x/lt_native.so"),
+            code(0x9000, "/x/libc.so.6"),
         ];
         // As blazesym would name them; 0x1200 and 0x1300 stay unsymbolized.
         l.frame_names
@@ -625,6 +680,9 @@ mod tests {
             (2, vec![0x9000, 0x1200, 0x1400]),
             // The walk stopped at once: truncated.
             (3, vec![0x9000]),
+            // The walk read data (a loop counter as a frame): truncated, the site alone. (An
+            // address that could be a library loaded since would have the maps read again.)
+            (5, vec![0x9000, 0x2b, 0x1e]),
         ]
         .into();
         let mut asked = Vec::new();
@@ -647,14 +705,17 @@ mod tests {
                 (key(0x5100, 1), site(10, 0)),
                 (key(0x5100, 2), site(5, 1)),
                 (key(0x5200, 3), site(50, 48)),
+                (key(0x5200, 5), site(2, 2)),
+                // No frame pointer at the call: no walk, the site alone.
+                (key(0x5200, NO_WALK), site(1, 1)),
                 // Not readable yet: kept, asked again next time.
                 (key(0x5200, 4), site(1, 0)),
             ],
             |id| read(&mut asked, id),
         );
         asked.sort_unstable();
-        assert_eq!(asked, [1, 2, 3, 4]);
-        assert_eq!(l.stacks_truncated, 1);
+        assert_eq!(asked, [1, 2, 3, 4, 5]);
+        assert_eq!(l.stacks_truncated, 3);
         let stacks = l.stacks();
         assert_eq!(stacks.len(), 2, "{stacks:#?}");
         assert_eq!(
@@ -670,7 +731,10 @@ mod tests {
             (15, 1, 1400)
         );
         assert_eq!(stacks[1].frames, ["lt_native.so: churn"]);
-        assert_eq!(stacks[1].outstanding_bytes, 200);
+        assert_eq!(
+            (stacks[1].allocations, stacks[1].outstanding_bytes),
+            (53, 200)
+        );
 
         // Later reads replace the totals; each stack's frames are read once.
         asked.clear();
@@ -685,7 +749,7 @@ mod tests {
         assert_eq!(asked, [4u32; 0]);
         let e = l.evidence(Some(0.0), "--native on".into());
         assert_eq!(e.stack_depth, 2);
-        assert_eq!(e.stacks_truncated, Some(1));
+        assert_eq!(e.stacks_truncated, Some(3));
         assert_eq!(e.stacks[0].outstanding_bytes, 2400);
         assert_eq!(e.stacks[0].allocations, 25);
         assert_eq!(e.stacks[1].outstanding_bytes, 0);

@@ -441,7 +441,12 @@ fn tracer_sigkill_leaves_nothing(test: &str, extra: &[&str], images: &[&str]) {
         "tracer holds no program: {held:?}"
     );
     let patched: Vec<_> = images.iter().map(|i| (i, patched_bytes(pid, i))).collect();
-    eprintln!("{test}: tracer holds {held:?}; bytes patched: {patched:?}");
+    let count = |key| held.iter().filter(|(k, _)| *k == key).count();
+    eprintln!(
+        "{test}: tracer holds {} programs and {} links; bytes patched: {patched:?}",
+        count("prog_id"),
+        count("link_id")
+    );
     // Let it run a little: ring buffer traffic, samples.
     thread::sleep(Duration::from_millis(1500));
     tracer.kill().unwrap(); // SIGKILL
