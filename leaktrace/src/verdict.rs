@@ -463,6 +463,12 @@ fn native_balance(rec: &Recording, trends: &Trends) -> Option<String> {
             )
         })
         .unwrap_or_default();
+    if allocations == 0 {
+        return Some(format!(
+            "no NIF, driver or library allocated natively since the probes attached at {:.0} s{emulator}",
+            n.attached_at_s.unwrap_or(0.0)
+        ));
+    }
     Some(format!(
         "native allocations are balanced: {allocations} allocations, {frees} frees by {} objects since {:.0} s; {}{emulator}",
         others.len(),
