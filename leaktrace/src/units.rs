@@ -43,6 +43,19 @@ pub fn percent(part: f64, whole: f64) -> String {
     }
 }
 
+/// The share of a growth that `part` explains: "42%", or "all" when it reaches the whole (a
+/// part measured a little above its whole is noise between two measurements, not more than
+/// everything).
+pub fn share(part: f64, whole: f64) -> String {
+    if whole <= 0.0 {
+        "—".into()
+    } else if part >= whole {
+        "all".into()
+    } else {
+        percent(part, whole)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +71,7 @@ mod tests {
         assert_eq!(human_count(-950.0), "-950");
         assert_eq!(percent(1.0, 4.0), "25%");
         assert_eq!(percent(1.0, 0.0), "—");
+        assert_eq!(share(1.01, 1.0), "all");
+        assert_eq!(share(0.5, 1.0), "50%");
     }
 }

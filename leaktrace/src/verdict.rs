@@ -411,7 +411,7 @@ fn native_culprits(rec: &Recording, rss_slope: f64) -> Vec<Culprit> {
                     m.allocations,
                     m.frees,
                     human_bytes(m.outstanding_bytes as f64),
-                    crate::units::percent(g.whole.slope_per_s, rss_slope),
+                    crate::units::share(g.whole.slope_per_s, rss_slope),
                     if m.path.is_empty() {
                         String::new()
                     } else {
@@ -510,7 +510,7 @@ fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> 
                 summary: format!(
                     "native memory never freed grows {} ({} of the RSS growth of {}): {}{}",
                     rate(native_slope),
-                    crate::units::percent(native_slope, rss_slope),
+                    crate::units::share(native_slope, rss_slope),
                     rate(rss_slope),
                     culprits[0].name,
                     if lossy {
