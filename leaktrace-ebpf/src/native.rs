@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     NIF_API_SITE, NO_STACK, NO_WALK, NativeOutstanding, NativePending, NativeSite, NifResource,
-    StackSiteKey, counter, native_config, probe_id as P,
+    StackSiteKey, counter, native_config, native_limits, probe_id as P,
 };
 
 use crate::maps::{
@@ -33,6 +33,8 @@ use crate::maps::{
 const STALE_NS: u64 = 1_000_000_000;
 /// Farthest a frame pointer is taken to be above the stack pointer (a thread's stack).
 const MAX_FRAME_SPAN: u64 = 8 << 20;
+/// Highest user-space address on x86-64 (47 bits).
+const USER_TOP: u64 = 0x7fff_ffff_ffff;
 /// `MAP_ANONYMOUS` on x86-64.
 const MAP_ANONYMOUS: u64 = 0x20;
 
@@ -87,6 +89,48 @@ fn enter(ctx: &ProbeContext, probe: u32, size: u64, site: u64, ptr: u64) {
     }
 }
 
+/// A frame as a frame pointer points at it: the caller's saved `rbp`, then a return address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Frame {
+    next: u64,
+    ret: u64,
+}
+
+/// Whether `next` can be the frame pointer of a frame above the one at `bp`, on the same stack.
+fn above(next: u64, bp: u64) -> bool {
+    next > bp && next - bp < MAX_FRAME_SPAN && next & 7 == 0
+}
+
+/// Whether the kernel's frame-pointer walk from here reads frames, not data: `rbp` on this
+/// thread's stack above `rsp`, then each frame (as many as the kernel walks) holding a user
+/// address to return to and a next frame further up, until the chain ends (`rbp` 0, or
+/// unreadable: the kernel stops there too). Code without frame pointers (most NIFs, beam.smp)
+/// leaves `rbp` a register like any other: walked, it gives a new "stack" nearly every call
+/// and fills the map.
+fn frame_chain(ctx: &ProbeContext) -> bool {
+    let (sp, mut bp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
+    if !above(bp, sp) {
+        return false;
+    }
+    for _ in 0..native_limits::STACK_DEPTH {
+        let Ok(frame) = (unsafe { bpf_probe_read_user(bp as *const Frame) }) else {
+            return true;
+        };
+        if !(0x1000..=USER_TOP).contains(&frame.ret) {
+            return false;
+        }
+        if frame.next == 0 {
+            return true;
+        }
+        if !above(frame.next, bp) {
+            return false;
+        }
+        bp = frame.next;
+    }
+    true
+}
+
 /// With `--stacks`: the user stack of the call just saved for thread `key`, into its slot.
 /// Only the outermost call pays for the walk (a nested call never gets here).
 fn capture(ctx: &ProbeContext, key: u32) {
@@ -97,11 +141,8 @@ fn capture(ctx: &ProbeContext, key: u32) {
         return;
     }
     // The kernel walks frame pointers from the registers at the probe: frame 0 is the probe's
-    // own address; frames of code without frame pointers are skipped or end the walk. Where
-    // `rbp` is no frame pointer at all (it points off this thread's stack) the walk would read
-    // data as frames, a new stack nearly every call: the call keeps its site alone.
-    let (sp, bp) = unsafe { ((*ctx.regs).rsp, (*ctx.regs).rbp) };
-    let id = if bp > sp && bp - sp < MAX_FRAME_SPAN && bp & 7 == 0 {
+    // own address. Where the chain is no chain of frames the call keeps its site alone.
+    let id = if frame_chain(ctx) {
         let id = unsafe { bpf_get_stackid(ctx.as_ptr(), STACKS.as_ptr(), BPF_F_USER_STACK as u64) };
         if id < 0 {
             bump(counter::STACK_ERRORS);

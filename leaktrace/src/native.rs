@@ -190,7 +190,7 @@ impl NativeLedger {
                         .skip(1)
                         .any(|a| plausible(*a) && self.mapping_of(*a).is_none())
                 {
-                    self.maps = read_maps(self.pid);
+                    self.refresh_maps();
                     maps_read = true;
                 }
                 if is_truncated(&ips, |a| self.is_code(a)) {
@@ -215,7 +215,7 @@ impl NativeLedger {
             return;
         }
         if !maps_read && unnamed.iter().any(|a| self.mapping_of(*a).is_none()) {
-            self.maps = read_maps(self.pid);
+            self.refresh_maps();
         }
         let lookups: Vec<u64> = unnamed.iter().map(|a| a.saturating_sub(1)).collect();
         let functions = self.symbolize(&lookups);
@@ -287,6 +287,14 @@ impl NativeLedger {
         out
     }
 
+    /// Reads the target's mappings again; a target gone (nothing read) keeps the last ones.
+    fn refresh_maps(&mut self) {
+        let maps = read_maps(self.pid);
+        if !maps.is_empty() {
+            self.maps = maps;
+        }
+    }
+
     fn mapping_of(&self, addr: u64) -> Option<&Mapping> {
         self.maps.iter().find(|m| m.start <= addr && addr < m.end)
     }
@@ -308,7 +316,7 @@ impl NativeLedger {
             .iter()
             .any(|(a, _)| self.mapping_of(a & !NIF_API_SITE).is_none())
         {
-            self.maps = read_maps(self.pid);
+            self.refresh_maps();
         }
         let addrs: Vec<u64> = new
             .iter()
@@ -336,23 +344,54 @@ impl NativeLedger {
 
     /// Function names of return addresses (the call sites), best effort.
     fn symbolize(&self, addrs: &[u64]) -> Vec<Option<String>> {
+        // Code in a deleted file or a memfd (the JIT's double mapping) has no ELF to read: one
+        // such address fails the whole batch, so it is left out (named by its object).
+        let (ok, skipped): (Vec<usize>, Vec<usize>) = (0..addrs.len()).partition(|&i| {
+            !self
+                .mapping_of(addrs[i])
+                .is_some_and(|m| m.path.ends_with(" (deleted)") || m.path.starts_with("/memfd:"))
+        });
+        let mut names = vec![None; addrs.len()];
+        let batch: Vec<u64> = ok.iter().map(|&i| addrs[i]).collect();
+        let found = match self.symbolize_batch(&batch) {
+            Ok(found) => found,
+            // Another address blazesym cannot read: each alone, so the others keep their names.
+            Err(e) => {
+                log::debug!("symbolizing native sites: {e}");
+                batch
+                    .iter()
+                    .map(|a| {
+                        self.symbolize_batch(std::slice::from_ref(a))
+                            .ok()
+                            .and_then(|mut v| v.pop().flatten())
+                    })
+                    .collect()
+            }
+        };
+        for (i, name) in ok.into_iter().zip(found) {
+            names[i] = name;
+        }
+        debug_assert!(skipped.iter().all(|&i| names[i].is_none()));
+        names
+    }
+
+    fn symbolize_batch(&self, addrs: &[u64]) -> Result<Vec<Option<String>>, blazesym::Error> {
+        if addrs.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut process = Process::new(Pid::from(self.pid));
         process.debug_syms = false;
         process.perf_map = true;
         let source = Source::Process(process);
-        match self.symbolizer.symbolize(&source, Input::AbsAddr(addrs)) {
-            Ok(found) => found
-                .into_iter()
-                .map(|s| match s {
-                    Symbolized::Sym(sym) => Some(sym.name.into_owned()),
-                    Symbolized::Unknown(_) => None,
-                })
-                .collect(),
-            Err(e) => {
-                log::debug!("symbolizing native sites: {e}");
-                vec![None; addrs.len()]
-            }
-        }
+        Ok(self
+            .symbolizer
+            .symbolize(&source, Input::AbsAddr(addrs))?
+            .into_iter()
+            .map(|s| match s {
+                Symbolized::Sym(sym) => Some(sym.name.into_owned()),
+                Symbolized::Unknown(_) => None,
+            })
+            .collect())
     }
 
     fn outstanding_of(stats: &NativeSite) -> i64 {
