@@ -283,6 +283,36 @@ fn ret(ctx: &RetProbeContext) -> u64 {
     ctx.ret::<u64>()
 }
 
+/// The return of an allocation call whose result is the pointer: records it at the site its
+/// entry saved (one helper for every such return probe).
+fn alloc_ret(ctx: &RetProbeContext, ret_probe: u32, entry_probe: u32) -> u32 {
+    hit(ret_probe);
+    if let Some(call) = leave(entry_probe) {
+        allocated(ret(ctx), &call);
+    }
+    0
+}
+
+/// The return of a realloc-like call: NULL in is an allocation, size 0 a free, and a failed
+/// realloc (NULL for a non-zero size) leaves the old block where it was.
+fn realloc_ret(ctx: &RetProbeContext, ret_probe: u32, entry_probe: u32) -> u32 {
+    hit(ret_probe);
+    let Some(call) = leave(entry_probe) else {
+        return 0;
+    };
+    let new = ret(ctx);
+    if new == 0 && call.size != 0 {
+        return 0;
+    }
+    if call.ptr != 0 {
+        freed(call.ptr);
+    }
+    if call.size != 0 {
+        allocated(new, &call);
+    }
+    0
+}
+
 // malloc(size), valloc(size), pvalloc(size)
 
 #[uprobe]
@@ -294,11 +324,7 @@ pub fn native_malloc(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn native_malloc_ret(ctx: RetProbeContext) -> u32 {
-    hit(P::MALLOC_RET);
-    if let Some(call) = leave(P::MALLOC) {
-        allocated(ret(&ctx), &call);
-    }
-    0
+    alloc_ret(&ctx, P::MALLOC_RET, P::MALLOC)
 }
 
 // calloc(n, size)
@@ -320,11 +346,7 @@ pub fn native_calloc(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn native_calloc_ret(ctx: RetProbeContext) -> u32 {
-    hit(P::CALLOC_RET);
-    if let Some(call) = leave(P::CALLOC) {
-        allocated(ret(&ctx), &call);
-    }
-    0
+    alloc_ret(&ctx, P::CALLOC_RET, P::CALLOC)
 }
 
 // realloc(ptr, size): NULL is malloc, size 0 is free.
@@ -338,22 +360,7 @@ pub fn native_realloc(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn native_realloc_ret(ctx: RetProbeContext) -> u32 {
-    hit(P::REALLOC_RET);
-    let Some(call) = leave(P::REALLOC) else {
-        return 0;
-    };
-    let new = ret(&ctx);
-    // A failed realloc (NULL for a non-zero size) leaves the old block where it was.
-    if new == 0 && call.size != 0 {
-        return 0;
-    }
-    if call.ptr != 0 {
-        freed(call.ptr);
-    }
-    if call.size != 0 {
-        allocated(new, &call);
-    }
-    0
+    realloc_ret(&ctx, P::REALLOC_RET, P::REALLOC)
 }
 
 // aligned_alloc(alignment, size), memalign(alignment, size)
@@ -367,11 +374,7 @@ pub fn native_memalign(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn native_memalign_ret(ctx: RetProbeContext) -> u32 {
-    hit(P::MEMALIGN_RET);
-    if let Some(call) = leave(P::MEMALIGN) {
-        allocated(ret(&ctx), &call);
-    }
-    0
+    alloc_ret(&ctx, P::MEMALIGN_RET, P::MEMALIGN)
 }
 
 // posix_memalign(void **memptr, alignment, size): 0 on success, the pointer in *memptr.
@@ -475,11 +478,7 @@ pub fn nif_alloc(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn nif_alloc_ret(ctx: RetProbeContext) -> u32 {
-    hit(P::NIF_ALLOC_RET);
-    if let Some(call) = leave(P::NIF_ALLOC) {
-        allocated(ret(&ctx), &call);
-    }
-    0
+    alloc_ret(&ctx, P::NIF_ALLOC_RET, P::NIF_ALLOC)
 }
 
 // enif_free(ptr), driver_free(ptr)
@@ -511,21 +510,7 @@ pub fn nif_realloc(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn nif_realloc_ret(ctx: RetProbeContext) -> u32 {
-    hit(P::NIF_REALLOC_RET);
-    let Some(call) = leave(P::NIF_REALLOC) else {
-        return 0;
-    };
-    let new = ret(&ctx);
-    if new == 0 && call.size != 0 {
-        return 0;
-    }
-    if call.ptr != 0 {
-        freed(call.ptr);
-    }
-    if call.size != 0 {
-        allocated(new, &call);
-    }
-    0
+    realloc_ret(&ctx, P::NIF_REALLOC_RET, P::NIF_REALLOC)
 }
 
 // enif_alloc_resource(type, size): the NIF holds one reference.
