@@ -173,18 +173,10 @@ fn census_markdown(o: &mut String, c: &Census, start: Option<&Census>) {
     let l = &c.limits;
     let _ = writeln!(
         o,
-        "\n### Census at {:.0} s\n\n{} processes ({} examined, cap {}; binaries of {} processes, {} references{}), {} ETS tables, {} of {} atoms; census took {:.0} ms.",
+        "\n### Census at {:.0} s\n\n{} processes ({}), {} ETS tables, {} of {} atoms; census took {:.0} ms.",
         c.t_s,
         c.process_count,
-        l.processes_examined,
-        l.process_cap,
-        l.binary_processes_examined,
-        l.binary_refs_examined,
-        if c.binaries_scanned {
-            ""
-        } else {
-            ", reference cap reached"
-        },
+        c.examined(),
         c.table_count,
         c.atom_count,
         c.atom_limit,

@@ -283,12 +283,13 @@ impl Presence {
     }
 }
 
-/// Set bits of `bits` in `[lo, hi)`.
-pub fn count_bits(bits: &[u64], lo: u64, hi: u64) -> u64 {
-    let mut n = 0u64;
+/// The bitmap words covering bits `[lo, hi)`, each with the mask of its bits in the range.
+fn word_masks(lo: u64, hi: u64) -> impl Iterator<Item = (usize, u64)> {
     let mut i = lo;
-    while i < hi {
-        let w = (i / 64) as usize;
+    std::iter::from_fn(move || {
+        if i >= hi {
+            return None;
+        }
         let off = i % 64;
         let take = (64 - off).min(hi - i);
         let mask = if take == 64 {
@@ -296,10 +297,26 @@ pub fn count_bits(bits: &[u64], lo: u64, hi: u64) -> u64 {
         } else {
             ((1u64 << take) - 1) << off
         };
-        n += (bits.get(w).copied().unwrap_or(0) & mask).count_ones() as u64;
+        let word = (i / 64) as usize;
         i += take;
+        Some((word, mask))
+    })
+}
+
+/// Set bits of `bits` in `[lo, hi)`.
+pub fn count_bits(bits: &[u64], lo: u64, hi: u64) -> u64 {
+    word_masks(lo, hi)
+        .map(|(w, mask)| (bits.get(w).copied().unwrap_or(0) & mask).count_ones() as u64)
+        .sum()
+}
+
+/// Sets bits `[lo, hi)`.
+pub fn set_bits(bits: &mut [u64], lo: u64, hi: u64) {
+    for (w, mask) in word_masks(lo, hi) {
+        if let Some(word) = bits.get_mut(w) {
+            *word |= mask;
+        }
     }
-    n
 }
 
 /// `PAGEMAP_SCAN` = `_IOWR('f', 16, struct pm_scan_arg)` (linux/fs.h, Linux >= 6.7).
@@ -336,25 +353,6 @@ struct PageRegion {
     start: u64,
     end: u64,
     categories: u64,
-}
-
-/// Sets bits `[lo, hi)`.
-pub fn set_bits(bits: &mut [u64], lo: u64, hi: u64) {
-    let mut i = lo;
-    while i < hi {
-        let w = (i / 64) as usize;
-        let off = i % 64;
-        let take = (64 - off).min(hi - i);
-        let mask = if take == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << take) - 1) << off
-        };
-        if let Some(word) = bits.get_mut(w) {
-            *word |= mask;
-        }
-        i += take;
-    }
 }
 
 /// An open `/proc/PID/pagemap`.

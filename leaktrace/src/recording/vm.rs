@@ -300,6 +300,24 @@ pub struct Census {
 }
 
 impl Census {
+    /// What the census examined, for people: "12 examined, cap 250000; binaries of 11
+    /// processes, 40 references" (and whether the reference cap was reached).
+    pub fn examined(&self) -> String {
+        let l = &self.limits;
+        format!(
+            "{} examined, cap {}; binaries of {} processes, {} references{}",
+            l.processes_examined,
+            l.process_cap,
+            l.binary_processes_examined,
+            l.binary_refs_examined,
+            if self.binaries_scanned {
+                ""
+            } else {
+                ", reference cap reached"
+            }
+        )
+    }
+
     /// The process group called `name`, if the census has it.
     pub fn group(&self, name: &str) -> Option<&ProcessGroup> {
         self.groups.iter().find(|g| g.name == name)

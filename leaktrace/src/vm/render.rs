@@ -103,17 +103,9 @@ pub fn text(snap: &Snapshot<'_>) -> String {
     let l = &c.limits;
     let _ = writeln!(
         o,
-        "\nprocesses: {} (top by memory, mailbox, binaries; {} examined, cap {}; binaries of {} processes, {} references{})",
+        "\nprocesses: {} (top by memory, mailbox, binaries; {})",
         c.process_count,
-        l.processes_examined,
-        l.process_cap,
-        l.binary_processes_examined,
-        l.binary_refs_examined,
-        if c.binaries_scanned {
-            ""
-        } else {
-            ", reference cap reached"
-        }
+        c.examined()
     );
     let _ = writeln!(
         o,
