@@ -145,11 +145,16 @@ pub mod counter {
     /// First probe hit counter; probe `p` counts at `HITS_BASE + p`.
     pub const HITS_BASE: u32 = 8;
     /// Size of the counter array.
-    pub const LEN: u32 = 64;
+    pub const LEN: u32 = 128;
     /// User stacks not recorded (`--stacks`): `bpf_get_stackid` failed (the stack map full, or
     /// its hash bucket held by another stack: -EEXIST; an unreadable stack: -EFAULT), or the
     /// (site, stack) map was full. The last slot, past the probe hit counters.
     pub const STACK_ERRORS: u32 = LEN - 1;
+    /// Of [`EVENTS_LOST`], events that ended a carrier or mapping (dealloc, munmap, free):
+    /// their carriers stay counted, so carrier figures are then too high (an upper bound).
+    pub const EVENTS_LOST_FREES: u32 = LEN - 2;
+    /// Of [`EVENTS_LOST`], reallocs and mremaps (either direction).
+    pub const EVENTS_LOST_RESIZES: u32 = LEN - 3;
 }
 
 /// Probe ids, used for hit counters (`counter::HITS_BASE + id`).
@@ -312,6 +317,11 @@ pub struct NativeSite {
     pub bytes_allocated: u64,
     /// Bytes freed (of allocations made there).
     pub bytes_freed: u64,
+    /// Allocations made there that were not tracked (the outstanding map was full): whether
+    /// they were freed is unknown.
+    pub untracked: u64,
+    /// Their bytes.
+    pub bytes_untracked: u64,
 }
 
 /// Sizes of the native maps: a bound on what the kernel side holds whatever the target does.

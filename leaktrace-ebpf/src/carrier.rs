@@ -48,6 +48,16 @@ fn arg(ctx: &ProbeContext, n: usize) -> Result<u64, Loss> {
 fn emit(kind: K, alloc_no: u32, call: &PendingCall, addr: u64, size: u64) -> Result<(), Loss> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(mut entry) = CARRIER_EVENTS.reserve::<CarrierEvent>(0) else {
+        // Which way the carrier figures are now wrong: a lost end leaves a carrier counted.
+        match kind {
+            K::MsegDealloc | K::Munmap | K::SysAlignedFree | K::LiteralDealloc => {
+                bump(counter::EVENTS_LOST_FREES)
+            }
+            K::MsegRealloc | K::Mremap | K::SysAlignedRealloc | K::LiteralRealloc => {
+                bump(counter::EVENTS_LOST_RESIZES)
+            }
+            _ => {}
+        }
         return Err(Loss::RingFull);
     };
     entry.write(CarrierEvent {

@@ -206,6 +206,14 @@ fn add_allocation(s: *mut NativeSite, size: u64) {
     }
 }
 
+/// Counts an allocation the outstanding map had no room for: its site is still named.
+fn add_untracked(s: *mut NativeSite, size: u64) {
+    unsafe {
+        add(&raw mut (*s).untracked, 1);
+        add(&raw mut (*s).bytes_untracked, size);
+    }
+}
+
 /// Counts a free of `size` bytes in a site's (or a site and stack's) totals.
 fn add_free(s: *mut NativeSite, size: u64) {
     unsafe {
@@ -254,6 +262,7 @@ fn allocated(ptr: u64, call: &NativePending) {
         .is_err()
     {
         bump(counter::NATIVE_OUTSTANDING_FULL);
+        add_untracked(s, size);
         return;
     }
     add_allocation(s, size);
@@ -554,6 +563,7 @@ pub fn nif_resource_ret(ctx: RetProbeContext) -> u32 {
     };
     if NIF_RESOURCES.insert(&ptr, &entry, BPF_ANY as u64).is_err() {
         bump(counter::NATIVE_OUTSTANDING_FULL);
+        add_untracked(s, call.size);
         return 0;
     }
     add_allocation(s, call.size);

@@ -125,11 +125,11 @@ impl HeldChild {
     }
 }
 
-pub async fn wait_for_beam(pid: u32) -> Result<(), Error> {
+pub async fn wait_for_beam(pid: u32, probed: &std::path::Path) -> Result<(), Error> {
     let deadline = Instant::now() + BEAM_START_TIMEOUT;
     loop {
         match fs::read_link(format!("/proc/{pid}/exe")) {
-            Ok(exe) if target::is_beam(&exe) => return Ok(()),
+            Ok(exe) if target::is_beam(&exe) => return same_file(pid, &exe, probed),
             Ok(_) => {}
             Err(_) => {
                 return Err(Error::Spawn {
@@ -148,6 +148,32 @@ pub async fn wait_for_beam(pid: u32) -> Result<(), Error> {
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The emulator PID runs must be the very file the probes are on (device and inode, not the
+/// name): uprobes sit on an inode, so another beam.smp (another OTP install, a copy, a file
+/// replaced since) would run unseen and every carrier would look like memory outside them.
+fn same_file(pid: u32, exe: &std::path::Path, probed: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |m: fs::Metadata| (m.dev(), m.ino());
+    let running = fs::metadata(format!("/proc/{pid}/exe")).map(id);
+    let ours = fs::metadata(probed).map(id);
+    match (running, ours) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Ok((dev, ino)), Ok((pdev, pino))) => Err(Error::Spawn {
+            command: format!("PID {pid}"),
+            reason: format!(
+                "it runs {} (device {dev:#x}, inode {ino}), not the file the probes are on, {} (device {pdev:#x}, inode {pino}): its allocations would go unseen, so the command was stopped; pass --beam {}",
+                exe.display(),
+                probed.display(),
+                exe.display()
+            ),
+        }),
+        (Err(e), _) | (_, Err(e)) => Err(Error::Spawn {
+            command: format!("PID {pid}"),
+            reason: format!("cannot tell which beam.smp it runs: {e}"),
+        }),
     }
 }
 

@@ -4,9 +4,11 @@
 //! `carriers` (event aggregation) -> `ledger` (sampling) -> `recording` -> `verdict` (pure) ->
 //! `report`. `session` runs it.
 
+pub mod bundle;
 pub mod carriers;
 pub mod cli;
 pub mod config;
+pub mod diff;
 pub mod error;
 pub mod image;
 pub mod launch;

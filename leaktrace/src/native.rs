@@ -441,6 +441,8 @@ impl NativeLedger {
             m.allocations += s.stats.allocations;
             m.frees += s.stats.frees;
             m.outstanding_bytes += Self::outstanding_of(&s.stats);
+            m.untracked += s.stats.untracked;
+            m.untracked_bytes += s.stats.bytes_untracked;
             m.sites += 1;
             if let Some(f) = &s.function {
                 *functions.entry(f.clone()).or_default() += Self::outstanding_of(&s.stats);
@@ -617,6 +619,7 @@ mod tests {
             frees: b,
             bytes_allocated: a * 100,
             bytes_freed: b * 100,
+            ..Default::default()
         };
         l.update([
             (0x1100, site(10, 0)),
@@ -711,6 +714,7 @@ mod tests {
             frees: b,
             bytes_allocated: a * 100,
             bytes_freed: b * 100,
+            ..Default::default()
         };
         let key = |site, stack_id| StackSiteKey { site, stack_id };
         let kernel: HashMap<u32, Vec<u64>> = [

@@ -520,15 +520,24 @@ impl Tracer {
         Some(trace.frames().iter().map(|f| f.ip).collect())
     }
 
-    /// The native loss counters, into `evidence`.
-    pub fn native_losses(&self, evidence: &mut NativeEvidence) {
-        evidence.unknown_frees = self.counter(counter::NATIVE_UNKNOWN_FREES);
-        evidence.outstanding_full = self.counter(counter::NATIVE_OUTSTANDING_FULL);
-        evidence.sites_full = self.counter(counter::NATIVE_SITES_FULL);
-        evidence.stale_calls = self.counter(counter::NATIVE_STALE_PENDING);
+    /// The native loss counters, into `evidence`; returns the names of those that could not be
+    /// read (their figure is unknown, not 0).
+    pub fn native_losses(&self, evidence: &mut NativeEvidence) -> Vec<String> {
+        let mut unreadable = Vec::new();
+        let mut read = |index: u32, name: &str| {
+            self.try_counter(index).unwrap_or_else(|| {
+                unreadable.push(name.to_owned());
+                0
+            })
+        };
+        evidence.unknown_frees = read(counter::NATIVE_UNKNOWN_FREES, "native unknown frees");
+        evidence.outstanding_full = read(counter::NATIVE_OUTSTANDING_FULL, "native map full");
+        evidence.sites_full = read(counter::NATIVE_SITES_FULL, "native sites map full");
+        evidence.stale_calls = read(counter::NATIVE_STALE_PENDING, "native stale calls");
         if evidence.stack_depth > 0 {
-            evidence.stack_errors = Some(self.counter(counter::STACK_ERRORS));
+            evidence.stack_errors = Some(read(counter::STACK_ERRORS, "stack errors"));
         }
+        unreadable
     }
 
     /// Detaches every probe on a thread of its own: the kernel removes uprobes one after
@@ -565,22 +574,45 @@ impl Tracer {
         n
     }
 
-    fn counter(&self, index: u32) -> u64 {
+    /// A counter summed over CPUs, or None when the kernel would not give it.
+    fn try_counter(&self, index: u32) -> Option<u64> {
         self.counters
             .get(&index, 0)
+            .ok()
             .map(|values| values.iter().sum())
-            .unwrap_or(0)
     }
 
-    /// Losses counted by the probes so far.
+    /// A hit counter for progress and statistics (0 when unreadable; [`Tracer::losses`] says
+    /// which counters could not be read).
+    fn counter(&self, index: u32) -> u64 {
+        self.try_counter(index).unwrap_or(0)
+    }
+
+    /// Losses counted by the probes so far. A counter the kernel would not give is named in
+    /// `unreadable`, never taken as 0 silently.
     pub fn losses(&self) -> Losses {
-        Losses {
-            events_lost: self.counter(counter::EVENTS_LOST),
-            map_full: self.counter(counter::MAP_FULL),
-            probe_errors: self.counter(counter::PROBE_ERRORS),
-            missed_entries: self.counter(counter::MISSED_ENTRY),
+        let mut unreadable = Vec::new();
+        let mut read = |index: u32, name: &str| {
+            self.try_counter(index).unwrap_or_else(|| {
+                unreadable.push(name.to_owned());
+                0
+            })
+        };
+        let mut l = Losses {
+            events_lost: read(counter::EVENTS_LOST, "events lost"),
+            events_lost_frees: read(counter::EVENTS_LOST_FREES, "release events lost"),
+            events_lost_resizes: read(counter::EVENTS_LOST_RESIZES, "resize events lost"),
+            map_full: read(counter::MAP_FULL, "pending map full"),
+            probe_errors: read(counter::PROBE_ERRORS, "probe errors"),
+            missed_entries: read(counter::MISSED_ENTRY, "missed entries"),
             unknown_frees: 0,
+            unreadable: Vec::new(),
+        };
+        if (0..P::COUNT).any(|id| self.try_counter(counter::HITS_BASE + id).is_none()) {
+            unreadable.push("probe hits".into());
         }
+        l.unreadable = unreadable;
+        l
     }
 
     /// Every probe tried, with its hit count.
@@ -614,6 +646,8 @@ fn sum_cpus(per_cpu: &PerCpuValues<NativeSite>) -> NativeSite {
         t.frees += v.frees;
         t.bytes_allocated += v.bytes_allocated;
         t.bytes_freed += v.bytes_freed;
+        t.untracked += v.untracked;
+        t.bytes_untracked += v.bytes_untracked;
     }
     t
 }

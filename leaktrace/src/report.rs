@@ -262,6 +262,7 @@ pub fn to_markdown(report: &Report) -> String {
         md(&r.tool_version)
     );
     let _ = writeln!(o, "- exit code {}\n", v.kind.exit_code());
+    evidence_markdown(&mut o, report);
     if !v.culprits.is_empty() {
         let _ = writeln!(
             o,
@@ -393,7 +394,11 @@ pub fn to_markdown(report: &Report) -> String {
     if let Some(line) = report.cross_check.line() {
         let _ = writeln!(o, "\n## Cross-check\n\n{line}.");
     }
-    let _ = writeln!(o, "\n## Sources\n");
+    native_markdown(&mut o, r);
+    sizes_markdown(&mut o, r);
+    let _ = writeln!(o, "\n## How measured\n");
+    measured_markdown(&mut o, report);
+    let _ = writeln!(o, "\n### Sources\n");
     let s = &r.sources;
     for (name, on) in [
         ("carrier probes", s.carrier_probes),
@@ -409,7 +414,7 @@ pub fn to_markdown(report: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "\n## Probes\n\n| program | symbol | attached | hits |\n|---|---|---|---:|"
+        "\n### Probes\n\n| program | symbol | attached | hits |\n|---|---|---|---:|"
     );
     for p in &r.probes {
         let _ = writeln!(
@@ -428,13 +433,13 @@ pub fn to_markdown(report: &Report) -> String {
     let l = &r.losses;
     let _ = writeln!(
         o,
-        "\n## Losses\n\nevents lost {}, map full {}, probe errors {}, missed entries {}, unknown-size frees {}.",
+        "\n### Losses\n\nevents lost {}, map full {}, probe errors {}, missed entries {}, unknown-size frees {}.",
         l.events_lost, l.map_full, l.probe_errors, l.missed_entries, l.unknown_frees
     );
     let t = &r.thresholds;
     let _ = writeln!(
         o,
-        "\n## Thresholds\n\ngrowth floor {}/s and {} over the run (sustained in the second half); minimum run {:.0} s; explained fraction {:.2}; fragmentation: {} free at usage ≤ {:.0}%.\n\nTracer: peak RSS {}, {} carrier events.",
+        "\n### Thresholds\n\ngrowth floor {}/s and {} over the run (sustained in the second half); minimum run {:.0} s; explained fraction {:.2}; fragmentation: {} free at usage ≤ {:.0}%.\n\nTracer: peak RSS {}, {} carrier events.",
         human_bytes(t.min_growth_bytes_per_s),
         human_bytes(t.min_total_growth_bytes),
         t.min_duration_s,
@@ -444,7 +449,264 @@ pub fn to_markdown(report: &Report) -> String {
         human_bytes(r.tracer.peak_rss as f64),
         r.tracer.events
     );
+    versions_markdown(&mut o, r);
+    files_markdown(&mut o, r);
     o
+}
+
+/// The ledger lines of the evidence table: name and the figure of a sample.
+const EVIDENCE_LINES: [(&str, fn(&Sample) -> Option<f64>); 8] = [
+    ("rss", |s| s.rss.map(|v| v as f64)),
+    ("rss_anon", |s| s.rss_anon.map(|v| v as f64)),
+    ("carriers", |s| s.carriers.map(|v| v as f64)),
+    ("mseg_cache", |s| s.mseg_cache.map(|v| v as f64)),
+    ("vm_used", |s| s.vm_used.map(|v| v as f64)),
+    ("vm_allocated", |s| s.vm_allocated.map(|v| v as f64)),
+    ("native_outstanding", |s| s.native_outstanding.map(|v| v as f64)),
+    ("unexplained", |s| s.unexplained.map(|v| v as f64)),
+];
+
+/// The evidence at a glance: each ledger line at its first and last sample, its change and
+/// its trend.
+fn evidence_markdown(o: &mut String, report: &Report) {
+    let r = &report.recording;
+    let _ = writeln!(
+        o,
+        "## Evidence\n\n| line | first | last | change | slope | grows |\n|---|---:|---:|---:|---:|---|"
+    );
+    let mut rows = 0;
+    for (name, value) in EVIDENCE_LINES {
+        let first = r.samples.iter().find_map(|s| Some((s.t_s, value(s)?)));
+        let last = r.samples.iter().rev().find_map(|s| Some((s.t_s, value(s)?)));
+        let (Some((_, a)), Some((_, b))) = (first, last) else {
+            continue;
+        };
+        let trend = report.verdict.trends.iter().find(|t| t.line == name);
+        let _ = writeln!(
+            o,
+            "| {name} | {} | {} | {} | {} | {} |",
+            human_bytes(a),
+            human_bytes(b),
+            human_bytes(b - a),
+            trend.map_or("—".into(), |t| format!("{}/s", human_bytes(t.slope_bytes_per_s))),
+            trend.map_or("—", |t| if t.grows { "yes" } else { "no" })
+        );
+        rows += 1;
+    }
+    if rows == 0 {
+        let _ = writeln!(o, "| (no sample) | — | — | — | — | — |");
+    }
+    let _ = writeln!(
+        o,
+        "\ncarriers, mseg_cache, native_outstanding and unexplained are changes since attach; — = not measured. The full ledger is below and in timeline.svg.\n"
+    );
+    if !report.verdict.degraded.is_empty() {
+        let _ = writeln!(o, "**Evidence limits:**\n");
+        for d in &report.verdict.degraded {
+            let _ = writeln!(o, "- {}", md(d));
+        }
+        o.push('\n');
+    }
+}
+
+/// Native allocations by object, when the native probes ran.
+fn native_markdown(o: &mut String, r: &Recording) {
+    let Some(n) = &r.native else { return };
+    let _ = writeln!(
+        o,
+        "\n## Native allocations\n\n{}; {}.\n",
+        match n.attached_at_s {
+            Some(t) => format!("native probes attached at {t:.1} s"),
+            None => "native probes not attached".into(),
+        },
+        md(&n.reason)
+    );
+    if n.modules.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "| object | outstanding | growth | allocations | frees | top function |\n|---|---:|---:|---:|---:|---|"
+    );
+    for m in n.modules.iter().take(20) {
+        let mut name = md(&m.module);
+        if m.nif_api {
+            name.push_str(" (NIF API)");
+        }
+        if m.is_emulator {
+            name.push_str(" (ERTS itself)");
+        }
+        let _ = writeln!(
+            o,
+            "| {name} | {} | {}/s | {} | {} | {} |",
+            human_bytes(m.outstanding_bytes as f64),
+            human_bytes(m.growth_bytes_per_s),
+            m.allocations,
+            m.frees,
+            md(m.function.as_deref().unwrap_or("—"))
+        );
+    }
+    let (stacks, source) = crate::bundle::flame::stacks(Some(n));
+    let _ = writeln!(
+        o,
+        "\nnative.svg, native.folded and native.pb.gz hold {} outstanding {}.",
+        human_bytes(crate::bundle::flame::total_bytes(&stacks) as f64),
+        match source {
+            crate::bundle::flame::StackSource::Stacks => "by allocation stack",
+            crate::bundle::flame::StackSource::Modules =>
+                "by object and function (no stacks recorded: `--stacks N` records them)",
+            crate::bundle::flame::StackSource::None => "(none)",
+        }
+    );
+}
+
+/// The histogram series, one row each.
+fn sizes_markdown(o: &mut String, r: &Recording) {
+    let _ = writeln!(o, "\n## Sizes and lifetimes\n");
+    let series = crate::bundle::series(r);
+    if series.is_empty() {
+        let _ = writeln!(
+            o,
+            "No size or lifetime histograms in this recording (sizes.svg says so; histograms.hlog holds no interval)."
+        );
+        return;
+    }
+    let names = crate::bundle::hgrm::file_names(&r.histograms);
+    let _ = writeln!(o, "| series | unit | values | file |\n|---|---|---|---|");
+    for (s, file) in series.iter().zip(names) {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {file} |",
+            md(&s.name),
+            s.unit.as_str(),
+            md(&s.stats_line())
+        );
+        for p in &s.problems {
+            let _ = writeln!(o, "| | | unreadable {} | |", md(p));
+        }
+    }
+    if r.histograms.dropped > 0 {
+        let _ = writeln!(
+            o,
+            "\n{} values were not recorded (too many series, or a histogram that could not be encoded).",
+            r.histograms.dropped
+        );
+    }
+}
+
+/// Probes, hits, losses and overhead in one paragraph, ahead of the detailed tables.
+fn measured_markdown(o: &mut String, report: &Report) {
+    let r = &report.recording;
+    let attached = r.probes.iter().filter(|p| p.attached).count();
+    let hits: u64 = r.probes.iter().map(|p| p.hits).sum();
+    let l = &r.losses;
+    let lost = l.events_lost + l.map_full + l.probe_errors + l.missed_entries;
+    let _ = writeln!(
+        o,
+        "{attached} of {} probes attached, {hits} probe hits; {lost} events not recorded ({}); {} samples every {:.1} s over {:.1} s; tracer overhead: peak RSS {}, {} carrier events{}.",
+        r.probes.len(),
+        if lost == 0 {
+            "none lost".to_string()
+        } else {
+            format!(
+                "{} ring buffer, {} map full, {} probe errors, {} missed entries",
+                l.events_lost, l.map_full, l.probe_errors, l.missed_entries
+            )
+        },
+        r.samples.len(),
+        r.interval_s,
+        r.duration_s,
+        human_bytes(r.tracer.peak_rss as f64),
+        r.tracer.events,
+        match r.native.as_ref().and_then(|n| n.attached_at_s) {
+            Some(t) => format!("; native probes attached at {t:.1} s"),
+            None => "; native probes not attached".into(),
+        }
+    );
+}
+
+/// Versions and the command line (secrets removed).
+fn versions_markdown(o: &mut String, r: &Recording) {
+    let _ = writeln!(
+        o,
+        "\n## Versions\n\n| what | version |\n|---|---|\n| leaktrace | {} |\n| OTP | {} |\n| beam.smp | {} |\n| kernel | not recorded (run `uname -r` on the traced host) |",
+        md(&r.tool_version),
+        md(r.target.otp_release.as_deref().unwrap_or("unknown")),
+        md(&r.target.exe)
+    );
+    let _ = writeln!(o, "\n## Command line\n");
+    if r.command_line.is_empty() {
+        let _ = writeln!(o, "Not recorded in this recording.");
+    } else {
+        // Redacted again: a recording is a file anyone may have edited or an older leaktrace
+        // may have written.
+        let words: Vec<String> = redact_command_line(&r.command_line)
+            .iter()
+            .map(|w| shell_word(&crate::vm::render::clean(w)))
+            .collect();
+        let line = words.join(" ");
+        let fence = if line.contains("```") { "````" } else { "```" };
+        let _ = writeln!(o, "{fence}\n{line}\n{fence}");
+    }
+}
+
+/// `word` as a POSIX shell reads it back: bare when plain, else in single quotes.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%<>".contains(c))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// The files of the bundle and what opens each.
+fn files_markdown(o: &mut String, r: &Recording) {
+    let _ = writeln!(
+        o,
+        "\n## Files in this bundle\n\n| file | holds | open with |\n|---|---|---|"
+    );
+    for e in crate::bundle::manifest(r) {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} |",
+            md(&e.name),
+            md(&e.what),
+            e.opens_with.replace('|', "\\|")
+        );
+    }
+}
+
+/// The value that replaces a secret on a command line.
+pub const REDACTED: &str = "<redacted>";
+
+/// `args` with secrets replaced by [`REDACTED`]: the value of leaktrace's `--cookie` (as
+/// `--cookie X` or `--cookie=X`) and of erl's `-setcookie` (a `leaktrace run -- erl ...`
+/// command). The command line goes into recordings and reports that are shared; the cookie
+/// gives control of the node.
+pub fn redact_command_line<S: AsRef<str>>(args: &[S]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut secret_next = false;
+    for a in args {
+        let a = a.as_ref();
+        if secret_next {
+            out.push(REDACTED.to_owned());
+            secret_next = false;
+        } else if a == "--cookie" || a == "-setcookie" || a == "--setcookie" {
+            out.push(a.to_owned());
+            secret_next = true;
+        } else if let Some((flag, _)) = a.split_once('=')
+            && (flag == "--cookie" || flag == "-setcookie" || flag == "--setcookie")
+        {
+            out.push(format!("{flag}={REDACTED}"));
+        } else {
+            out.push(a.to_owned());
+        }
+    }
+    out
 }
 
 /// The few lines printed at the end of a run.
@@ -478,10 +740,15 @@ pub fn terminal_summary(report: &Report) -> String {
     o
 }
 
-/// Writes report.json and report.md into `dir`, each atomically (a temporary file in `dir`,
-/// synced, then renamed over the destination), never through a symbolic link: `dir` itself,
-/// `dir/report.json` or `dir/report.md` being a symbolic link (or not a directory / regular
-/// file) is refused before anything is written. `dir` is created (0755) when missing.
+/// Writes the bundle into `dir`: report.json, report.md and the files of [`crate::bundle`]
+/// (pictures, pprof, folded stacks, HdrHistogram logs and percentiles), all rendered before
+/// anything is written. Each file is written atomically (a temporary file in `dir`, synced,
+/// then renamed over the destination), never through a symbolic link: `dir` itself or any
+/// destination being a symbolic link (or not a directory / regular file) is refused before
+/// anything is written. When a write fails, the files this call already wrote are removed, so
+/// that the directory never holds half a bundle. `.hgrm` tables of an earlier bundle that this
+/// one does not rewrite are removed (the directory describes one run). `dir` is created (0755)
+/// when missing.
 pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
     let fail = |e: WriteError| Error::Write {
         what: "the report",
@@ -489,19 +756,42 @@ pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     };
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("report.json".into(), to_json(report).into_bytes()),
+        ("report.md".into(), to_markdown(report).into_bytes()),
+    ];
+    let bundle = crate::bundle::render(report).map_err(|e| {
+        fail(WriteError::Io(
+            dir.to_path_buf(),
+            io::Error::other(format!("cannot render the bundle: {e}")),
+        ))
+    })?;
+    files.extend(bundle.into_iter().map(|f| (f.name, f.contents)));
     let out = OutDir::create(dir).map_err(fail)?;
     for name in REPORT_FILES {
         out.check_destination(OsStr::new(name)).map_err(fail)?;
     }
-    out.write_atomic(OsStr::new("report.json"), to_json(report).as_bytes())
-        .map_err(fail)?;
-    out.write_atomic(OsStr::new("report.md"), to_markdown(report).as_bytes())
-        .map_err(fail)?;
+    for (name, _) in &files {
+        out.check_destination(OsStr::new(name)).map_err(fail)?;
+    }
+    let mut written: Vec<CString> = Vec::new();
+    for (name, contents) in &files {
+        if let Err(e) = out.write_atomic(OsStr::new(name), contents) {
+            for w in &written {
+                out.unlink(w);
+            }
+            return Err(fail(e));
+        }
+        written.push(c_name(dir, OsStr::new(name)).map_err(fail)?);
+    }
+    let keep: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    out.remove_stale(|n| crate::bundle::hgrm::is_hgrm_name(n) && !keep.contains(&n));
     Ok(())
 }
 
-/// The files `--out` writes.
-const REPORT_FILES: [&str; 2] = ["report.json", "report.md"];
+/// The files `--out` always writes (checked before attaching, refused when a symbolic link);
+/// `.hgrm` tables, one per histogram series, are checked when written.
+const REPORT_FILES: [&str; 8] = crate::bundle::FIXED_FILES;
 
 /// Checks, before anything is attached, that `--record` and `--out` can be written: the
 /// directory exists (or, for `--out`, can be created under an existing writable directory), a
@@ -794,6 +1084,30 @@ impl OutDir {
     fn unlink(&self, name: &CStr) {
         // SAFETY: valid descriptor and C string.
         unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
+    }
+
+    /// Removes the regular files and symbolic links (the link, never what it points to) of the
+    /// directory whose names `stale` accepts; best effort.
+    fn remove_stale(&self, stale: impl Fn(&str) -> bool) {
+        // Listed through the descriptor, so that it is the directory written to.
+        let listing = fs::read_dir(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+            .or_else(|_| fs::read_dir(&self.path));
+        let Ok(listing) = listing else { return };
+        for entry in listing.flatten() {
+            let name = entry.file_name();
+            let Some(text) = name.to_str() else { continue };
+            if !stale(text) {
+                continue;
+            }
+            let Ok(c) = c_name(&self.path, &name) else {
+                continue;
+            };
+            if let Ok(Some(mode)) = self.lstat(&c)
+                && matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK)
+            {
+                self.unlink(&c);
+            }
+        }
     }
 
     /// Writes `contents` to `name`: a temporary file, synced, renamed over `name` (which a

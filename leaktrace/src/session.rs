@@ -104,8 +104,13 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                 held.abort();
                 return Err(e);
             }
-            let child = held.release()?;
-            launch::wait_for_beam(pid).await?;
+            let mut child = held.release()?;
+            if let Err(e) = launch::wait_for_beam(pid, &beam).await {
+                // Our own child, started for this run: a blind trace of it is no use to anyone.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
             let cmdline = target::read_cmdline(pid).unwrap_or_default();
             let traced = Traced {
                 pid,
@@ -239,13 +244,15 @@ impl NativeProbes {
         s.unexplained = s.unexplained.map(|u| u - native);
     }
 
-    /// The evidence for the recording (None with `--native off`).
-    fn finish(mut self, tracer: &Tracer) -> Option<crate::recording::NativeEvidence> {
+    /// The evidence for the recording (None with `--native off`), and the native loss
+    /// counters that could not be read.
+    fn finish(mut self, tracer: &Tracer) -> (Option<crate::recording::NativeEvidence>, Vec<String>) {
         if self.mode == NativeMode::Off && self.ledger.is_none() && self.attached_at_s.is_none() {
-            return (self.reason != "--native off").then(|| crate::recording::NativeEvidence {
+            let e = (self.reason != "--native off").then(|| crate::recording::NativeEvidence {
                 reason: self.reason,
                 ..Default::default()
             });
+            return (e, Vec::new());
         }
         // The totals as they stand at the end (the last sample can be up to an interval old).
         if let Some(l) = self.ledger.as_mut() {
@@ -262,8 +269,8 @@ impl NativeProbes {
             },
         };
         e.libc = self.libc;
-        tracer.native_losses(&mut e);
-        Some(e)
+        let unreadable = tracer.native_losses(&mut e);
+        (Some(e), unreadable)
     }
 }
 
@@ -361,6 +368,9 @@ async fn sample_loop(
     let start = Instant::now();
     let mut vm = VmWorker::spawn(traced.pid, cfg.vm.as_ref(), start);
 
+    // The baseline after the first drain: carriers made between attach and now are in both
+    // the ledger and the RSS read below, never in one only.
+    tracer.drain(|ev| ledger.apply(&ev));
     let Some(rss0) = ledger::read_rss(traced.pid) else {
         return Err(Error::NoSuchProcess { pid: traced.pid });
     };
@@ -437,8 +447,9 @@ async fn sample_loop(
     tracer.drain(|ev| ledger.apply(&ev));
     let duration_s = start.elapsed().as_secs_f64();
 
-    let native_evidence = native.finish(&tracer);
+    let (native_evidence, native_unreadable) = native.finish(&tracer);
     let mut losses = tracer.losses();
+    losses.unreadable.extend(native_unreadable);
     losses.unknown_frees = ledger.unknown_frees();
     losses.probe_errors += ledger.undecodable();
     let probes = tracer.probe_stats();
@@ -535,6 +546,8 @@ async fn sample_loop(
         },
         vm: vm_evidence,
         native: native_evidence,
+        histograms: Default::default(),
+        command_line: Default::default(),
     };
     Ok(Finished {
         recording,

@@ -174,6 +174,84 @@ pub struct Verdict {
     pub ruled_out: Vec<RuledOut>,
     /// Trends of the ledger lines.
     pub trends: Vec<TrendLine>,
+    /// Why the evidence is incomplete (lost events, full maps, probes that look blind,
+    /// counters that could not be read); the verdict never rests on what these put in doubt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
+}
+
+/// Carrier bytes the VM reports must move by at least this much, with the probes seeing under
+/// a tenth of it, before the carrier probes are called blind.
+const BLIND_MIN_BYTES: f64 = 16.0 * 1024.0 * 1024.0;
+
+/// The carrier probes look blind: the VM's own carrier figure (`vm_allocated`) moved by much
+/// more than the floors while the probes counted under a tenth of it (a code path not probed,
+/// probes on another file than the one running). Memory outside carriers is then unknown.
+pub fn blind_carrier_probes(rec: &Recording) -> Option<String> {
+    let both: Vec<(i64, u64)> = rec
+        .samples
+        .iter()
+        .filter_map(|s| Some((s.carriers_mapped.or(s.carriers)?, s.vm_allocated?)))
+        .collect();
+    let (first, last) = (both.first()?, both.last()?);
+    if both.len() < 2 {
+        return None;
+    }
+    let probes = (last.0 - first.0) as f64;
+    let vm = last.1 as f64 - first.1 as f64;
+    let floor = BLIND_MIN_BYTES.max(rec.thresholds.min_total_growth_bytes);
+    (vm.abs() >= floor && probes.abs() < 0.1 * vm.abs()).then(|| {
+        format!(
+            "the carrier probes look blind: the VM's carriers changed by {} while the probes counted {} (under a tenth)",
+            human_bytes(vm),
+            human_bytes(probes)
+        )
+    })
+}
+
+/// Every reason the evidence of `rec` is incomplete, one sentence each.
+pub fn degradation(rec: &Recording) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(b) = blind_carrier_probes(rec) {
+        out.push(b);
+    }
+    if let Some(b) = rec.losses.carrier_bound() {
+        out.push(b);
+    }
+    if let Some(n) = rec.native.as_ref().filter(|n| n.lossy()) {
+        out.push(format!(
+            "{} native allocations went untracked (outstanding map full {}, site map full {}): native figures are lower bounds",
+            n.outstanding_full + n.sites_full,
+            n.outstanding_full,
+            n.sites_full
+        ));
+    }
+    if !rec.losses.unreadable.is_empty() {
+        out.push(format!(
+            "counters that could not be read (unknown, not 0): {}",
+            rec.losses.unreadable.join(", ")
+        ));
+    }
+    out
+}
+
+/// Why memory outside carriers cannot be judged in `rec`: carrier figures that may be too low
+/// (lost creations, blind probes) make `unexplained` too high.
+fn unexplained_in_doubt(rec: &Recording) -> Option<String> {
+    if let Some(b) = blind_carrier_probes(rec) {
+        return Some(b);
+    }
+    let l = &rec.losses;
+    let low = l.lost_creations() + l.events_lost_resizes + l.map_full + l.missed_entries;
+    if low > 0 {
+        return Some(format!(
+            "{low} carrier creation or resize events were lost, so carriers may be undercounted and the remainder overcounted"
+        ));
+    }
+    l.unreadable
+        .iter()
+        .any(|c| c.contains("events") || c.contains("map") || c.contains("entries"))
+        .then(|| "the carrier loss counters could not be read".to_owned())
 }
 
 type Line = fn(&Sample) -> Option<f64>;
@@ -270,6 +348,7 @@ pub fn judge(rec: &Recording) -> Verdict {
             secondary: Vec::new(),
             ruled_out: Vec::new(),
             trends: trends.to_lines(),
+            degraded: degradation(rec),
         };
     }
 
@@ -316,12 +395,8 @@ pub fn judge(rec: &Recording) -> Verdict {
         }
     }
 
-    let losses = rec.losses.events_lost + rec.losses.map_full + rec.losses.missed_entries;
-    if losses > 0 {
-        notes.push(format!(
-            "{losses} probe events were lost (ring buffer or map full, missed entries): carrier figures are a lower bound"
-        ));
-    }
+    let degraded = degradation(rec);
+    notes.extend(degraded.iter().cloned());
 
     candidates.sort_by(|a, b| b.strength.total_cmp(&a.strength));
     let mut findings = candidates.into_iter().map(|c| c.finding);
@@ -372,6 +447,7 @@ pub fn judge(rec: &Recording) -> Verdict {
         secondary,
         ruled_out,
         trends: trends.to_lines(),
+        degraded,
     }
 }
 
@@ -529,6 +605,14 @@ fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> 
                 .into(),
         );
     }
+    if let Some(doubt) = unexplained_in_doubt(rec)
+        && trends.grows("unexplained")
+    {
+        return ruled(format!(
+            "not judged from memory outside carriers ({}): {doubt}",
+            trends.describe("unexplained")
+        ));
+    }
     if rss_grows
         && trends.grows("unexplained")
         && unexplained_slope >= th.explained_fraction * rss_slope
@@ -539,11 +623,24 @@ fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> 
             .rev()
             .find_map(|s| s.unexplained)
             .unwrap_or(0);
-        let probes = match rec.native.as_ref() {
-            Some(n) if n.attached_at_s.is_some() => {
-                "the native probes saw no growing object: the growth is outside the malloc family (direct system calls, a driver's own mappings) or came before they attached"
+        let untracked_by = rec.native.as_ref().and_then(|n| {
+            n.modules
+                .iter()
+                .filter(|m| !m.is_emulator && m.untracked_bytes > 0)
+                .max_by_key(|m| m.untracked_bytes)
+        });
+        let probes = match (rec.native.as_ref(), untracked_by) {
+            (_, Some(m)) => format!(
+                "the native probes' map was full; most untracked allocations were made by {}{}: {} allocations, {} untracked",
+                m.module,
+                m.function.as_deref().map(|f| format!(": {f}")).unwrap_or_default(),
+                m.untracked,
+                human_bytes(m.untracked_bytes as f64)
+            ),
+            (Some(n), None) if n.attached_at_s.is_some() => {
+                "the native probes saw no growing object: the growth is outside the malloc family (direct system calls, a driver's own mappings) or came before they attached".to_owned()
             }
-            _ => "native probes off",
+            _ => "native probes off".to_owned(),
         };
         return Ok(Candidate {
             strength: unexplained_slope,
@@ -1205,5 +1302,80 @@ mod tests {
         rec.duration_s = rec.samples.last().unwrap().t_s;
         let v = judge(&rec);
         assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
+    }
+
+    /// RSS and the VM's own carriers grow together while the probes count nothing.
+    fn blind(rec: &mut Recording) {
+        grow(rec, 10.0 * MIB, 10.0 * MIB, 10.0 * MIB);
+        for s in &mut rec.samples {
+            // The probes saw none of it: the VM's figure moved, the ledger's did not.
+            let add = (10.0 * MIB * s.t_s) as i64;
+            s.carriers = s.carriers.map(|c| c - add);
+            s.carriers_mapped = s.carriers.map(|_| 0);
+            s.unexplained = s.unexplained.map(|u| u + add);
+        }
+    }
+
+    #[test]
+    fn blind_carrier_probes_are_never_a_native_leak() {
+        let mut rec = healthy();
+        blind(&mut rec);
+        let v = judge(&rec);
+        assert_ne!(v.kind, VerdictKind::NativeLeak, "{v:#?}");
+        assert!(
+            v.degraded.iter().any(|d| d.contains("look blind")),
+            "{:?}",
+            v.degraded
+        );
+        let why = v
+            .ruled_out
+            .iter()
+            .find(|r| r.kind == VerdictKind::NativeLeak)
+            .map(|r| r.reason.clone())
+            .unwrap_or_default();
+        assert!(why.contains("not judged"), "{why}");
+        // The same growth with the probes seeing the carriers is not degraded.
+        let mut seen = healthy();
+        grow(&mut seen, 10.0 * MIB, 10.0 * MIB, 10.0 * MIB);
+        assert!(judge(&seen).degraded.is_empty());
+    }
+
+    #[test]
+    fn lost_creations_keep_the_remainder_from_a_native_leak_lost_releases_do_not() {
+        let mut rec = healthy();
+        grow(&mut rec, 10.0 * MIB, 0.0, 0.0);
+        rec.losses.events_lost = 40;
+        let v = judge(&rec);
+        assert_ne!(v.kind, VerdictKind::NativeLeak, "{v:#?}");
+        assert!(
+            v.degraded.iter().any(|d| d.contains("lower bound")),
+            "{:?}",
+            v.degraded
+        );
+        // Lost releases leave carriers counted: the remainder is if anything too small.
+        rec.losses.events_lost_frees = 40;
+        let v = judge(&rec);
+        assert_eq!(v.kind, VerdictKind::NativeLeak, "{v:#?}");
+        assert!(
+            v.degraded.iter().any(|d| d.contains("upper bound")),
+            "{:?}",
+            v.degraded
+        );
+    }
+
+    #[test]
+    fn unreadable_counters_are_unknown_not_zero() {
+        let mut rec = healthy();
+        grow(&mut rec, 10.0 * MIB, 0.0, 0.0);
+        rec.losses.unreadable = vec!["events lost".into()];
+        let v = judge(&rec);
+        assert_ne!(v.kind, VerdictKind::NativeLeak, "{v:#?}");
+        assert!(
+            v.degraded
+                .iter()
+                .any(|d| d.contains("unknown, not 0") && d.contains("events lost")),
+            "{:?}",
+            v.degraded
+        );
     }
 }

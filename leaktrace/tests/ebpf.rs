@@ -212,3 +212,29 @@ fn required_symbol_missing_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn full_ring_counts_lost_releases_apart() {
+    if !privileged("full_ring_counts_lost_releases_apart") {
+        return;
+    }
+    let _k = kernel();
+    let tracer = attach_to_self();
+    // 1 MiB of ring holds about 13 000 events of 80 bytes; nothing drains it here.
+    let calls = 30_000u64;
+    for i in 0..calls {
+        erts_munmap(0x5555, 0, FAKE_MAPPING + i * 4096, 4096);
+    }
+    let losses = tracer.losses();
+    eprintln!("{calls} munmaps, nothing drained: {losses:?}");
+    assert!(
+        losses.events_lost > 0 && losses.events_lost < calls,
+        "{losses:?}"
+    );
+    // Every lost event was a release: the carrier figures are an upper bound, and say so.
+    assert_eq!(losses.events_lost_frees, losses.events_lost, "{losses:?}");
+    assert_eq!(losses.events_lost_resizes, 0, "{losses:?}");
+    assert!(losses.unreadable.is_empty(), "{losses:?}");
+    let bound = losses.carrier_bound().expect("lost events are stated");
+    assert!(bound.contains("upper bound"), "{bound}");
+}

@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+pub mod histograms;
 pub mod native;
 pub mod vm;
 pub use native::{NativeEvidence, NativeModule, NativePoint};
@@ -118,6 +119,12 @@ pub struct Recording {
     /// What the native probes saw (None: not attached in this run).
     #[serde(default)]
     pub native: Option<NativeEvidence>,
+    /// Size and lifetime distributions (HdrHistograms over time), when measured.
+    #[serde(default, skip_serializing_if = "histograms::Histograms::is_empty")]
+    pub histograms: histograms::Histograms,
+    /// leaktrace's own command line, secrets removed ([`crate::report::redact_command_line`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_line: Vec<String>,
 }
 
 /// The traced process.
@@ -237,10 +244,17 @@ pub struct AllocatorCarriers {
 }
 
 /// Events that could not be recorded. Nothing is dropped silently.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Losses {
     /// Ring buffer full.
     pub events_lost: u64,
+    /// Of `events_lost`, ends of carriers or mappings (dealloc, munmap, free): the carriers
+    /// they ended stay counted, so carrier figures are too high by up to their size.
+    #[serde(default)]
+    pub events_lost_frees: u64,
+    /// Of `events_lost`, reallocs and mremaps (either direction).
+    #[serde(default)]
+    pub events_lost_resizes: u64,
     /// Pending-call map full.
     pub map_full: u64,
     /// Helper failures in probes.
@@ -249,6 +263,47 @@ pub struct Losses {
     pub missed_entries: u64,
     /// Frees of malloc-backed carriers made before attach (size unknown, not accounted).
     pub unknown_frees: u64,
+    /// Counters that could not be read from the kernel: their figures above are unknown (shown
+    /// as such), not zero.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
+}
+
+impl Losses {
+    /// Carrier events lost that created a carrier (or mapping): the carrier figures miss them,
+    /// so they are too low.
+    pub fn lost_creations(&self) -> u64 {
+        self.events_lost
+            .saturating_sub(self.events_lost_frees)
+            .saturating_sub(self.events_lost_resizes)
+    }
+
+    /// Which way lost carrier events bend the carrier figures, or None when none were lost
+    /// and every counter was read.
+    pub fn carrier_bound(&self) -> Option<String> {
+        let frees = self.events_lost_frees;
+        let creations = self.lost_creations() + self.map_full + self.missed_entries;
+        let resizes = self.events_lost_resizes;
+        let unread = self
+            .unreadable
+            .iter()
+            .any(|c| c.contains("events") || c.contains("map"));
+        let what = match (creations + resizes > 0, frees > 0) {
+            (false, false) if !unread => return None,
+            (false, false) => "some loss counters could not be read: carrier figures are of unknown accuracy".to_owned(),
+            (true, false) if resizes == 0 => format!(
+                "{creations} carrier creation events were lost (ring buffer or map full, missed entries): carrier figures are a lower bound"
+            ),
+            (false, true) => format!(
+                "{frees} carrier release events were lost (ring buffer full): carriers they ended stay counted, so carrier figures are an upper bound"
+            ),
+            _ => format!(
+                "{} carrier events were lost ({creations} creations, {frees} releases, {resizes} resizes): carrier figures may be too high or too low",
+                creations + frees + resizes
+            ),
+        };
+        Some(what)
+    }
 }
 
 /// Verdict thresholds. Each has a default (documented in README) and a CLI flag.

@@ -48,6 +48,10 @@ fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
 /// Most stacks a recording keeps.
 pub const MAX_STACKS: usize = 200;
 
@@ -100,6 +104,12 @@ pub struct NativeModule {
     pub outstanding_bytes: i64,
     /// Distinct call sites.
     pub sites: u64,
+    /// Allocations not tracked (the outstanding map was full): made here, fate unknown.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub untracked: u64,
+    /// Their bytes: at most this much more may be outstanding.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub untracked_bytes: u64,
     /// Least-squares growth of `outstanding_bytes` over the samples since attach.
     #[serde(default)]
     pub growth_bytes_per_s: f64,

@@ -547,3 +547,140 @@ fn target_sigkilled_mid_run_still_reports() {
     );
     assert_no_programs_of(&held);
 }
+
+#[test]
+fn run_of_another_beam_file_is_refused_and_stopped() {
+    if !privileged("run_of_another_beam_file_is_refused_and_stopped") {
+        return;
+    }
+    let _s = serial();
+    // A byte-identical copy is another inode: probes on it would never fire in the node that
+    // `erl` really starts.
+    let root = String::from_utf8(
+        Command::new("erl")
+            .args([
+                "-noshell",
+                "-eval",
+                "io:format(\"~s\", [code:root_dir()]), halt().",
+            ])
+            .output()
+            .expect("erl")
+            .stdout,
+    )
+    .unwrap();
+    let beam = format!("{root}/erts-{}/bin/beam.smp", erts_version(&root));
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("beam.smp");
+    fs::copy(&beam, &copy).unwrap();
+    let marker = format!("lt_blind_{}", std::process::id());
+    let out = leaktrace(&[
+        "run",
+        "--beam",
+        copy.to_str().unwrap(),
+        "--duration",
+        "20s",
+        "--",
+        "erl",
+        "-noshell",
+        "-eval",
+        &format!("'{marker}', timer:sleep(60000)"),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        err.contains("not the file the probes are on") && err.contains(&format!("--beam {beam}")),
+        "the error should name both files and the fix: {err}"
+    );
+    // The command it started for this run is gone.
+    thread::sleep(Duration::from_millis(300));
+    let left: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&marker))
+        .collect();
+    assert!(left.is_empty(), "the command was left running: {left:?}");
+    eprintln!("refused: {}", err.trim());
+}
+
+fn erts_version(root: &str) -> String {
+    fs::read_dir(root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("erts-")
+                .map(str::to_owned)
+        })
+        .max()
+        .expect("an erts-* directory")
+}
+
+#[test]
+fn full_native_map_is_counted_and_the_run_marked_degraded() {
+    if !privileged("full_native_map_is_counted_and_the_run_marked_degraded") {
+        return;
+    }
+    let _s = serial();
+    // 64-byte blocks kept forever, as fast as the node calls the NIF: past the 2^19 entries of
+    // the outstanding map within seconds.
+    let node = Node::start("lt_native:leak_forever(leak_malloc, 64, 0)");
+    let pid = node.pid().to_string();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "12s",
+        "--interval",
+        "500ms",
+        "--native",
+        "on",
+        "--json",
+    ]);
+    let report = json(&out);
+    let native = &report["native"];
+    let full = native["outstanding_full"].as_u64().unwrap_or(0);
+    let degraded: Vec<String> = report["verdict"]["degraded"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "outstanding_full {full}, verdict {} ({}), degraded {degraded:?}, modules {}",
+        report["verdict"]["kind"], report["verdict"]["summary"], native["modules"]
+    );
+    assert!(full > 0, "the map never filled: {native:#}");
+    assert!(
+        degraded
+            .iter()
+            .any(|d| d.contains("untracked") && d.contains("lower bounds")),
+        "a full map must mark the run degraded: {degraded:?}"
+    );
+    // The allocations past the full map are still counted at their site: the leak is named.
+    let culprit = report["verdict"]["culprits"][0]["name"].as_str().unwrap_or("");
+    assert!(
+        culprit.contains("lt_native.so"),
+        "culprit: {culprit}; {:#}",
+        report["verdict"]
+    );
+    // What was tracked still names the leak, with figures stated as lower bounds.
+    assert_eq!(
+        report["verdict"]["kind"], "native_leak",
+        "{:#}",
+        report["verdict"]
+    );
+    assert!(
+        report["verdict"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("lower bounds"),
+        "{}",
+        report["verdict"]["summary"]
+    );
+}

@@ -1,0 +1,1 @@
+//! `leaktrace diff A B`: what changed between two runs.
