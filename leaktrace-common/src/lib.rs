@@ -155,7 +155,108 @@ pub mod counter {
     pub const EVENTS_LOST_FREES: u32 = LEN - 2;
     /// Of [`EVENTS_LOST`], reallocs and mremaps (either direction).
     pub const EVENTS_LOST_RESIZES: u32 = LEN - 3;
+    /// `--blocks`: a block allocated while the live-block map was full (counted at its type as
+    /// untracked; its free will be an unknown free).
+    pub const BLOCK_LIVE_FULL: u32 = LEN - 4;
+    /// `--blocks`: the per-type map was full: the call was not counted at all.
+    pub const BLOCK_TYPES_FULL: u32 = LEN - 5;
+    /// `--blocks`: an allocation call inside another of the same thread (realloc(NULL) entering
+    /// the alloc path): counted once, by the outer call.
+    pub const BLOCK_NESTED: u32 = LEN - 6;
 }
+
+/// Block-level (`erts_alcu_*`) aggregation in the kernel: per ERTS type, per CPU.
+pub mod block {
+    /// Live blocks tracked at once (allocated since attach and not freed).
+    pub const LIVE: u32 = 1 << 20;
+    /// Distinct ERTS types (`ErtsAlcType_t`) with totals.
+    pub const TYPES: u32 = 4096;
+    /// Size histogram buckets: bucket `i` counts blocks of `[2^i, 2^(i+1))` bytes, the last one
+    /// everything larger.
+    pub const SIZE_BUCKETS: usize = 24;
+    /// Lifetime histogram buckets: bucket `i` counts frees `[2^i, 2^(i+1))` microseconds after
+    /// the allocation, the last one everything longer (2^27 µs is over two minutes).
+    pub const LIFE_BUCKETS: usize = 28;
+    /// Pending-call kinds.
+    pub const ALLOC: u32 = 1;
+    /// A realloc of a block.
+    pub const REALLOC: u32 = 2;
+}
+
+/// One ERTS type's block totals since the block probes attached (per CPU in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Blocks allocated (reallocs count as a free and an allocation).
+    pub allocs: u64,
+    /// Of those, freed.
+    pub frees: u64,
+    /// Bytes allocated.
+    pub bytes_allocated: u64,
+    /// Bytes freed (of blocks allocated since attach).
+    pub bytes_freed: u64,
+    /// Frees of blocks not seen allocated (allocated before attach): counted, size unknown.
+    pub unknown_frees: u64,
+    /// Blocks allocated while the live map was full: their frees will be unknown frees.
+    pub untracked: u64,
+    /// Their bytes.
+    pub bytes_untracked: u64,
+    /// Allocation sizes, log2 buckets ([`block::SIZE_BUCKETS`]).
+    pub sizes: [u64; block::SIZE_BUCKETS],
+    /// Lifetimes of freed blocks, log2 microsecond buckets ([`block::LIFE_BUCKETS`]).
+    pub lifetimes: [u64; block::LIFE_BUCKETS],
+}
+
+impl Default for BlockStats {
+    fn default() -> Self {
+        BlockStats {
+            allocs: 0,
+            frees: 0,
+            bytes_allocated: 0,
+            bytes_freed: 0,
+            unknown_frees: 0,
+            untracked: 0,
+            bytes_untracked: 0,
+            sizes: [0; block::SIZE_BUCKETS],
+            lifetimes: [0; block::LIFE_BUCKETS],
+        }
+    }
+}
+
+/// A block allocated since attach and not yet freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockLive {
+    /// Its `ErtsAlcType_t`.
+    pub alc_type: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Bytes asked for.
+    pub size: u64,
+    /// `bpf_ktime_get_ns()` at the allocation.
+    pub ts_ns: u64,
+}
+
+/// An erts_alcu call in flight, one per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockPending {
+    /// Its `ErtsAlcType_t`.
+    pub alc_type: u32,
+    /// [`block::ALLOC`] or [`block::REALLOC`].
+    pub kind: u32,
+    /// Bytes asked for.
+    pub size: u64,
+    /// The block being reallocated (0: none).
+    pub old: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BlockStats {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BlockLive {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BlockPending {}
 
 /// Probe ids, used for hit counters (`counter::HITS_BASE + id`).
 pub mod probe_id {
@@ -245,8 +346,18 @@ pub mod probe_id {
     pub const NIF_KEEP: u32 = 41;
     /// enif_release_resource
     pub const NIF_RELEASE: u32 = 42;
+    /// erts_alcu_alloc* entry (`--blocks`)
+    pub const BLOCK_ALLOC: u32 = 43;
+    /// erts_alcu_alloc* return
+    pub const BLOCK_ALLOC_RET: u32 = 44;
+    /// erts_alcu_realloc* entry
+    pub const BLOCK_REALLOC: u32 = 45;
+    /// erts_alcu_realloc* return
+    pub const BLOCK_REALLOC_RET: u32 = 46;
+    /// erts_alcu_free*
+    pub const BLOCK_FREE: u32 = 47;
     /// Number of probe ids.
-    pub const COUNT: u32 = 43;
+    pub const COUNT: u32 = 48;
 }
 
 const _: () = assert!(counter::HITS_BASE + probe_id::COUNT <= counter::LEN);

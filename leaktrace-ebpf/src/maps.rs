@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use leaktrace_common::{
-    NativeOutstanding, NativePending, NativeSite, NifResource, PendingCall, StackSiteKey, counter,
-    native_config, native_limits,
+    BlockLive, BlockPending, BlockStats, NativeOutstanding, NativePending, NativeSite, NifResource,
+    PendingCall, StackSiteKey, block, counter, native_config, native_limits,
 };
 
 /// Carrier events to userspace. Carrier calls are rare (hundreds a second on a busy node),
@@ -80,6 +80,23 @@ pub static STACKS: StackMap = StackMap(UnsafeCell::new(bpf_map_def {
 #[map]
 pub static STACK_SITES: PerCpuHashMap<StackSiteKey, NativeSite> =
     PerCpuHashMap::with_max_entries(native_limits::STACK_SITES, 0);
+
+/// `--blocks`: blocks allocated since attach and not yet freed, by address.
+#[map]
+pub static BLOCK_LIVE: HashMap<u64, BlockLive> = HashMap::with_max_entries(block::LIVE, 0);
+
+/// `--blocks`: the erts_alcu call in flight, per thread.
+#[map]
+pub static BLOCK_PENDING: HashMap<u32, BlockPending> = HashMap::with_max_entries(16384, 0);
+
+/// `--blocks`: totals, size and lifetime buckets per ERTS type, per CPU.
+#[map]
+pub static BLOCK_STATS: PerCpuHashMap<u32, BlockStats> =
+    PerCpuHashMap::with_max_entries(block::TYPES, 0);
+
+/// A zeroed [`BlockStats`] to create entries from (too large for the BPF stack).
+#[map]
+pub static BLOCK_ZERO: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters: losses, errors and probe hits (indices in `leaktrace_common::counter`).
 #[map]

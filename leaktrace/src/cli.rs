@@ -70,6 +70,18 @@ pub enum CliCommand {
         #[command(flatten)]
         thresholds: ThresholdArgs,
     },
+    /// Compare two runs (before and after a fix): per native object and allocator, growth and
+    /// outstanding bytes, and whether each leak is gone, remains or is new. Exit 0 when
+    /// nothing got worse, 1 when a leak remains or appeared, 2 on error.
+    Diff {
+        /// The earlier run: an --out directory, a report.json or a recording.
+        a: PathBuf,
+        /// The later run, the same kinds.
+        b: PathBuf,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of attach and run.
@@ -104,6 +116,15 @@ pub struct TraceArgs {
     /// (frame pointers, best effort; 0 = off, at most 32).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub stacks: u32,
+    /// Block probes on ERTS's own allocator (erts_alcu alloc/realloc/free): allocations,
+    /// sizes and lifetimes per allocator and type, aggregated in the kernel. Works without a
+    /// VM connection (`--no-vm`): usage and growth then come from the probes.
+    #[arg(long)]
+    pub blocks: bool,
+    /// Most of one CPU, in percent, the block probes may cost (estimated each interval from
+    /// their hit rate); past it they are detached and the report says when.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+    pub max_overhead: f64,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -240,6 +261,12 @@ impl TraceArgs {
                 "--stacks needs the native probes: drop --native off".into(),
             ));
         }
+        if !(self.max_overhead > 0.0 && self.max_overhead <= 200.0) {
+            return Err(Error::Usage(format!(
+                "--max-overhead {} is out of range: give a percentage of one CPU, above 0 and at most 200",
+                self.max_overhead
+            )));
+        }
         Ok(TraceConfig {
             duration: self.duration,
             interval: self.interval,
@@ -251,6 +278,8 @@ impl TraceArgs {
             vm: (!self.no_vm).then(|| self.vm.access()),
             native: self.native,
             stacks: self.stacks,
+            blocks: self.blocks,
+            max_overhead: self.max_overhead / 100.0,
         })
     }
 }
@@ -268,6 +297,15 @@ pub enum Command {
         pid: Option<u32>,
         /// How to reach it.
         access: VmAccess,
+        /// JSON output.
+        json: bool,
+    },
+    /// diff A B: compare two runs.
+    Diff {
+        /// The earlier run (directory, report.json or recording).
+        a: PathBuf,
+        /// The later run.
+        b: PathBuf,
         /// JSON output.
         json: bool,
     },
@@ -301,6 +339,7 @@ impl Cli {
                 json,
                 thresholds: thresholds.overrides()?,
             }),
+            CliCommand::Diff { a, b, json } => Command::Diff { a, b, json },
         })
     }
 }

@@ -28,6 +28,11 @@ pub struct TraceConfig {
     /// Frames of user stack the native probes capture per allocation call (`--stacks`; 0: none,
     /// at most [`MAX_STACK_FRAMES`]).
     pub stacks: u32,
+    /// Block probes on erts_alcu (`--blocks`).
+    pub blocks: bool,
+    /// Most of one CPU the block probes may cost (a fraction, `--max-overhead` percent / 100):
+    /// past it they are detached and the report says when.
+    pub max_overhead: f64,
 }
 
 /// Most frames `--stacks` takes: as many as the kernel keeps per stack.

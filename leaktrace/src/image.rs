@@ -73,4 +73,29 @@ impl<'a> ImageView<'a> {
             .collect();
         names.iter().any(Option::is_some).then_some(names)
     }
+
+    /// The pointers of an exported pointer array (`max` at most), read through /proc/PID/mem.
+    pub fn pointer_table(&self, symbol: &str, max: usize) -> Option<Vec<u64>> {
+        let (_, size) = self.symbols.get(symbol)?;
+        let table = self.address_of(symbol)?;
+        let count = ((size / 8) as usize).min(max);
+        let mut raw = vec![0u8; count * 8];
+        self.read(table, &mut raw).ok()?;
+        Some(
+            raw.chunks_exact(8)
+                .map(|p| u64::from_le_bytes(p.try_into().expect("8-byte chunk")))
+                .collect(),
+        )
+    }
+
+    /// The strings of an exported `const char *[]` (`max` at most; None for a null or
+    /// unreadable entry), read through /proc/PID/mem.
+    pub fn string_table(&self, symbol: &str, max: usize) -> Option<Vec<Option<String>>> {
+        let names: Vec<Option<String>> = self
+            .pointer_table(symbol, max)?
+            .into_iter()
+            .map(|ptr| (ptr != 0).then(|| self.read_c_string(ptr)).flatten())
+            .collect();
+        names.iter().any(Option::is_some).then_some(names)
+    }
 }

@@ -86,6 +86,7 @@ pub fn sample(t_s: f64, rss: Rss, baseline: u64, acc: Accounted) -> Sample {
         unexplained: Some(rss.anon as i64 - baseline as i64 - explained),
         carriers_by_allocator: acc.carriers_by_allocator,
         carriers_mapped: acc.carriers_mapped,
+        ..Default::default()
     }
 }
 

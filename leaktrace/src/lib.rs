@@ -4,6 +4,7 @@
 //! `carriers` (event aggregation) -> `ledger` (sampling) -> `recording` -> `verdict` (pure) ->
 //! `report`. `session` runs it.
 
+pub mod blocks;
 pub mod bundle;
 pub mod carriers;
 pub mod cli;

@@ -70,10 +70,17 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 vm: None,
                 native: Default::default(),
                 stacks: 0,
+                blocks: false,
+                max_overhead: 0.0,
             };
             emit(Report::new(recording), &cfg)
         }
         Command::Vm { pid, access, json } => vm_snapshot(pid, &access, json),
+        Command::Diff { a, b, json } => {
+            let diff = leaktrace::diff::compare_paths(&a, &b)?;
+            out(&if json { diff.json() } else { diff.text() });
+            Ok(diff.exit_code())
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use aya::{
     },
 };
 use leaktrace_common::{
-    CARRIER_EVENT_SIZE, CarrierEvent, NativeSite, StackSiteKey, counter, native_config,
+    BlockStats, CARRIER_EVENT_SIZE, CarrierEvent, NativeSite, StackSiteKey, counter, native_config,
     probe_id as P,
 };
 
@@ -258,6 +258,41 @@ pub const NIF_API_PROBES: &[NativeSpec] = &[
     ),
 ];
 
+/// Block probes (`--blocks`) on the erts_alcu functions in `used` (see
+/// [`crate::blocks::used_functions`]), in attach order: returns, frees, entries (as for the
+/// native probes). A free moves past its NULL test to the `push` after it (emulated).
+pub fn block_specs(used: &[&'static str]) -> Vec<NativeSpec> {
+    use crate::blocks::{ALLOC_FUNCTIONS, FREE_FUNCTIONS, REALLOC_FUNCTIONS};
+    let of = |list: &[&'static str]| -> Vec<&'static str> {
+        list.iter().filter(|f| used.contains(f)).copied().collect()
+    };
+    let (allocs, reallocs, frees) = (
+        of(&ALLOC_FUNCTIONS),
+        of(&REALLOC_FUNCTIONS),
+        of(&FREE_FUNCTIONS),
+    );
+    let mut specs = Vec::new();
+    for f in &allocs {
+        specs.push(native("block_alloc_ret", f, P::BLOCK_ALLOC_RET, true));
+    }
+    for f in &reallocs {
+        specs.push(native("block_realloc_ret", f, P::BLOCK_REALLOC_RET, true));
+    }
+    for f in &frees {
+        specs.push(NativeSpec {
+            skip: Skip::NullTest,
+            ..native("block_free", f, P::BLOCK_FREE, false)
+        });
+    }
+    for f in &allocs {
+        specs.push(native("block_alloc", f, P::BLOCK_ALLOC, false));
+    }
+    for f in &reallocs {
+        specs.push(native("block_realloc", f, P::BLOCK_REALLOC, false));
+    }
+    specs
+}
+
 /// Symbols without which carrier tracing refuses to start.
 pub fn required_symbols(specs: &[ProbeSpec]) -> Vec<&'static str> {
     let mut symbols: Vec<&'static str> = specs
@@ -496,6 +531,65 @@ impl Tracer {
         config
             .set(native_config::STACK_DEPTH, depth, 0)
             .map_err(|e| e.to_string())
+    }
+
+    /// The kernel's per-type block totals (`--blocks`), summed over CPUs.
+    pub fn block_stats(&self) -> Vec<(u32, BlockStats)> {
+        let Some(map) = self.ebpf.map("BLOCK_STATS") else {
+            return Vec::new();
+        };
+        let Ok(stats) = PerCpuHashMap::<&MapData, u32, BlockStats>::try_from(map) else {
+            return Vec::new();
+        };
+        stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(t, per_cpu)| {
+                let mut sum = BlockStats::default();
+                for v in per_cpu.iter() {
+                    sum.allocs += v.allocs;
+                    sum.frees += v.frees;
+                    sum.bytes_allocated += v.bytes_allocated;
+                    sum.bytes_freed += v.bytes_freed;
+                    sum.unknown_frees += v.unknown_frees;
+                    sum.untracked += v.untracked;
+                    sum.bytes_untracked += v.bytes_untracked;
+                    for (a, b) in sum.sizes.iter_mut().zip(v.sizes) {
+                        *a += b;
+                    }
+                    for (a, b) in sum.lifetimes.iter_mut().zip(v.lifetimes) {
+                        *a += b;
+                    }
+                }
+                (t, sum)
+            })
+            .collect()
+    }
+
+    /// Block probe losses: blocks untracked (live map full), calls uncounted (type map full).
+    pub fn block_losses(&self) -> (u64, u64) {
+        (
+            self.counter(counter::BLOCK_LIVE_FULL),
+            self.counter(counter::BLOCK_TYPES_FULL),
+        )
+    }
+
+    /// Hits so far of the probes with ids in `ids`.
+    pub fn hits_of(&self, ids: &[u32]) -> u64 {
+        ids.iter()
+            .map(|id| self.counter(counter::HITS_BASE + id))
+            .sum()
+    }
+
+    /// Detaches the probes of the programs named, now (on this thread): `--max-overhead`.
+    pub fn detach_programs(&mut self, programs: &[&str]) {
+        for name in programs {
+            if let Some(p) = self.ebpf.program_mut(name)
+                && let Ok(u) = <&mut UProbe>::try_from(p)
+            {
+                let _ = u.unload();
+            }
+        }
     }
 
     /// The kernel's per-(site, stack) native totals (`--stacks`), summed over CPUs.

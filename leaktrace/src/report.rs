@@ -655,7 +655,7 @@ fn shell_word(word: &str) -> String {
     if !word.is_empty()
         && word
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%<>".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
     {
         word.to_owned()
     } else {
@@ -755,6 +755,16 @@ pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
         flag: "--out",
         path: dir.to_path_buf(),
         reason: e.to_string(),
+    };
+    // Secrets never reach the bundle, whoever filled the command line.
+    let redacted;
+    let report = if redact_command_line(&report.recording.command_line) == report.recording.command_line {
+        report
+    } else {
+        let mut r = report.clone();
+        r.recording.command_line = redact_command_line(&r.recording.command_line);
+        redacted = r;
+        &redacted
     };
     let mut files: Vec<(String, Vec<u8>)> = vec![
         ("report.json".into(), to_json(report).into_bytes()),

@@ -76,6 +76,8 @@ pub enum CulpritKind {
     System,
     /// Native allocations seen by the native probes.
     Native,
+    /// ERTS blocks of one type (`--blocks`): `allocator: type`.
+    BlockType,
     /// Memory outside ERTS carriers that no probe explains.
     Unexplained,
 }
@@ -95,6 +97,7 @@ impl CulpritKind {
             CulpritKind::Atoms => "atoms",
             CulpritKind::System => "system",
             CulpritKind::Native => "native",
+            CulpritKind::BlockType => "block_type",
             CulpritKind::Unexplained => "unexplained",
         }
     }
@@ -267,6 +270,7 @@ const LINES: &[(&str, Line)] = &[
     ("unexplained", |s| s.unexplained.map(|v| v as f64)),
     ("vm_used", |s| s.vm_used.map(|v| v as f64)),
     ("vm_allocated", |s| s.vm_allocated.map(|v| v as f64)),
+    ("blocks_net", |s| s.blocks_net.map(|v| v as f64)),
 ];
 
 /// Growth of every ledger line that has data.
@@ -377,6 +381,13 @@ pub fn judge(rec: &Recording) -> Verdict {
                 &mut candidates,
                 &mut ruled_out,
             );
+        }
+        None if rec
+            .blocks
+            .as_ref()
+            .is_some_and(|b| b.attached_at_s.is_some()) =>
+        {
+            block_findings(rec, &trends, th, &mut candidates, &mut ruled_out);
         }
         None => {
             let carriers_slope = trends.slope("carriers") + trends.slope("mseg_cache");
@@ -681,6 +692,128 @@ fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> 
         Some(b) => format!("{b}; {why}"),
         None => why,
     })
+}
+
+/// Without a VM connection, the block probes (`--blocks`) judge VM growth and fragmentation:
+/// blocks of a type growing is vm_growth; carriers an allocator gained during the run that its
+/// blocks mostly do not fill is fragmentation. Both are changes since the block probes
+/// attached (probe-derived), and say so.
+fn block_findings(
+    rec: &Recording,
+    trends: &Trends,
+    th: &Thresholds,
+    candidates: &mut Vec<Candidate>,
+    ruled_out: &mut Vec<RuledOut>,
+) {
+    let Some(b) = rec.blocks.as_ref() else { return };
+    let rss_slope = trends.slope("rss_anon");
+    let blocks_slope = trends.slope("blocks_net");
+    let frozen = b
+        .detached_at_s
+        .map(|t| format!(" (block probes detached at {t:.0} s by --max-overhead)"))
+        .unwrap_or_default();
+    if trends.grows("blocks_net") {
+        let floor = th.min_growth_bytes_per_s;
+        let mut culprits: Vec<Culprit> = b
+            .types
+            .iter()
+            .filter(|t| t.growth_bytes_per_s >= floor)
+            .take(5)
+            .map(|t| Culprit {
+                kind: CulpritKind::BlockType,
+                name: t.name.clone(),
+                bytes: t.net_bytes,
+                growth_bytes_per_s: t.growth_bytes_per_s,
+                detail: Some(format!(
+                    "probe-derived: {} blocks allocated, {} freed since the block probes attached (median size {}), net {}; {} of the block growth",
+                    t.allocs,
+                    t.frees,
+                    human_bytes(t.median_size as f64),
+                    human_bytes(t.net_bytes as f64),
+                    crate::units::share(t.growth_bytes_per_s, blocks_slope)
+                )),
+            })
+            .collect();
+        culprits.sort_by(|a, b| b.growth_bytes_per_s.total_cmp(&a.growth_bytes_per_s));
+        if let Some(first) = culprits.first() {
+            let summary = format!(
+                "ERTS blocks grow {} (probe-derived, no VM connection){frozen}: {} grows {}",
+                rate(blocks_slope),
+                first.name,
+                rate(first.growth_bytes_per_s)
+            );
+            candidates.push(Candidate {
+                strength: blocks_slope,
+                finding: Finding {
+                    kind: VerdictKind::VmGrowth,
+                    summary,
+                    culprits,
+                },
+            });
+        }
+    } else {
+        ruled_out.push(RuledOut {
+            kind: VerdictKind::VmGrowth,
+            reason: format!(
+                "{} (block probes, no VM connection){frozen}",
+                trends.describe("blocks_net")
+            ),
+        });
+    }
+    // Fragmentation: carriers gained during the run, by allocator, against the blocks their
+    // allocator gained.
+    let mut fragmented: Vec<Culprit> = rec
+        .allocators
+        .iter()
+        .filter(|a| a.name != "literal_alloc" && a.net_bytes > 0)
+        .filter_map(|a| {
+            let blocks = b
+                .allocators
+                .iter()
+                .find(|g| g.name == a.name)
+                .map_or(0, |g| g.net_bytes.max(0));
+            let free = a.net_bytes - blocks;
+            (free as f64 >= th.frag_min_free_bytes
+                && blocks as f64 <= th.frag_max_usage * a.net_bytes as f64)
+                .then(|| Culprit {
+                    kind: CulpritKind::Allocator,
+                    name: a.name.clone(),
+                    bytes: free,
+                    growth_bytes_per_s: 0.0,
+                    detail: Some(format!(
+                        "probe-derived: of the {} of carriers it gained since attach, its blocks fill {} (usage {:.0}%); {} free in them",
+                        human_bytes(a.net_bytes as f64),
+                        human_bytes(blocks as f64),
+                        100.0 * blocks as f64 / a.net_bytes.max(1) as f64,
+                        human_bytes(free as f64)
+                    )),
+                })
+        })
+        .collect();
+    fragmented.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    match fragmented.first() {
+        Some(first) => {
+            let free: i64 = fragmented.iter().map(|c| c.bytes).sum();
+            let summary = format!(
+                "ERTS allocators hold mostly empty carriers (probe-derived, no VM connection): {} free in carriers gained since attach, most in {}",
+                human_bytes(free as f64),
+                first.name
+            );
+            candidates.push(Candidate {
+                // A level, not a rate: ranks after growth that explains RSS.
+                strength: (free as f64 / rec.duration_s.max(1.0)).min(rss_slope.max(1.0) * 0.5),
+                finding: Finding {
+                    kind: VerdictKind::Fragmentation,
+                    summary,
+                    culprits: fragmented,
+                },
+            });
+        }
+        None => ruled_out.push(RuledOut {
+            kind: VerdictKind::Fragmentation,
+            reason: "no allocator gained carriers its blocks do not fill (block probes, no VM connection)".into(),
+        }),
+    }
 }
 
 /// Why growing RSS got no verdict, in words that agree with the figures shown.

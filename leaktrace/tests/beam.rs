@@ -1,6 +1,8 @@
 //! End to end against real beam.smp nodes running small C NIFs (built here with gcc against
 //! erl_nif.h): the leaktrace binary attaches, traces and judges; bad input is refused.
 
+#[path = "beam/blocks.rs"]
+mod blocks;
 #[path = "beam/faults.rs"]
 mod faults;
 #[path = "beam/outputs.rs"]

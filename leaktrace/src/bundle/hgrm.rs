@@ -135,9 +135,15 @@ mod tests {
             lines[2]
         );
         let last_row = lines[lines.len() - 4];
-        assert!(last_row.ends_with("1.000000000000       1000"), "{last_row}");
+        assert!(
+            last_row.ends_with("1.000000000000       1000"),
+            "{last_row}"
+        );
         assert!(lines[lines.len() - 3].starts_with("#[Mean    =      500.500"));
-        assert!(lines[lines.len() - 2].starts_with("#[Max     =     1000.000, Total count    =         1000]"));
+        assert!(
+            lines[lines.len() - 2]
+                .starts_with("#[Max     =     1000.000, Total count    =         1000]")
+        );
         assert!(lines[lines.len() - 1].ends_with("SubBuckets     =         2048]"));
     }
 
@@ -152,7 +158,7 @@ mod tests {
             names,
             [
                 "hist.carrier_size.ets_alloc.hgrm",
-                "hist.a.....b.hgrm",
+                "hist.a....b.hgrm",
                 "hist.a.__.b.hgrm",
                 "hist.x_y__z_.hgrm"
             ]

@@ -73,12 +73,9 @@ pub fn interval_log(r: &Recording) -> (Vec<u8>, Vec<String>) {
         };
         let tag = tag(&s.name);
         let secs = |t: f64| Duration::try_from_secs_f64(t.max(0.0)).unwrap_or_default();
-        if let Err(e) = writer.write_histogram(
-            &hist,
-            secs(i.start_s),
-            secs(i.duration_s()),
-            Tag::new(&tag),
-        ) {
+        if let Err(e) =
+            writer.write_histogram(&hist, secs(i.start_s), secs(i.duration_s()), Tag::new(&tag))
+        {
             problems.push(format!(
                 "series {} interval at {:.1} s left out: {e}",
                 crate::vm::render::clean(&s.name),

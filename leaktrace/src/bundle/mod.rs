@@ -82,7 +82,7 @@ pub fn manifest(r: &Recording) -> Vec<Entry> {
         ),
         e(
             "native.folded",
-            "the same as folded stacks, `frame;frame bytes`",
+            "the same as folded stacks: frame;frame bytes",
             "`flamegraph.pl`, `inferno-flamegraph`, speedscope",
         ),
         e(
@@ -132,7 +132,8 @@ impl SeriesSummary {
         let Some(h) = &self.merged else {
             return "no readable values".into();
         };
-        let v = |q: f64| svg::value_label(h.value_at_quantile(q), self.unit);
+        // The lowest value of the bucket: "512.0 KiB", not its top "512.5 KiB".
+        let v = |q: f64| svg::value_label(h.lowest_equivalent(h.value_at_quantile(q)), self.unit);
         let mut line = format!(
             "n {}, min {}, p50 {}, p90 {}, p99 {}, max {}",
             h.len(),

@@ -302,15 +302,18 @@ pub fn timeline(r: &Recording, v: &Verdict) -> String {
         let lx = left + pw + 18.0;
         let _ = writeln!(
             o,
-            "<rect x=\"{lx}\" y=\"{ly}\" width=\"14\" height=\"4\" fill=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{} <tspan fill=\"#666666\">({})</tspan></text>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#444444\">{}</text>",
+            "<rect x=\"{lx}\" y=\"{ly}\" width=\"14\" height=\"4\" fill=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#444444\">{}, {}</text>",
             l.color,
             lx + 20.0,
             ly + 6.0,
             l.name,
-            l.note,
             lx + 20.0,
             ly + 22.0,
-            last.map_or("not measured".into(), |b| format!("last {}", human_bytes(b)))
+            l.note,
+            last.map_or("not measured".into(), |b| format!(
+                "last {}",
+                human_bytes(b)
+            ))
         );
     }
     o.push_str("</svg>\n");

@@ -129,7 +129,8 @@ pub struct HistogramInterval {
 }
 
 impl HistogramInterval {
-    /// Decodes the histogram. A recording is untrusted: the text, the inflated bytes and the
+    /// Decodes the histogram (auto-resizing, so that others can be added to it). A recording
+    /// is untrusted: the text, the inflated bytes and the
     /// histogram's precision are capped before anything is allocated for it, and a bad one is
     /// an error saying what is wrong, never a panic.
     pub fn decode(&self) -> Result<Histogram<u64>, String> {
@@ -145,8 +146,8 @@ impl HistogramInterval {
 /// A new empty histogram that grows to the values recorded.
 fn empty() -> Histogram<u64> {
     // 1..2 and auto-resize: the counts array grows to the largest value recorded only.
-    let mut h = Histogram::new_with_bounds(1, 2, SIGNIFICANT_DIGITS)
-        .expect("constant bounds are valid");
+    let mut h =
+        Histogram::new_with_bounds(1, 2, SIGNIFICANT_DIGITS).expect("constant bounds are valid");
     h.auto(true);
     h
 }
@@ -191,11 +192,9 @@ fn decode(text: &str) -> Result<Histogram<u64>, String> {
     // The V2 header: cookie, payload length, normalizing offset, significant digits, lowest,
     // highest, conversion ratio (40 bytes). The payload length and precision are checked here
     // because the decoder allocates what they say before reading.
-    let (Some(cookie), Some(payload), Some(digits)) = (
-        be32(&inflated, 0),
-        be32(&inflated, 4),
-        be32(&inflated, 12),
-    ) else {
+    let (Some(cookie), Some(payload), Some(digits)) =
+        (be32(&inflated, 0), be32(&inflated, 4), be32(&inflated, 12))
+    else {
         return Err("a histogram cut short in its header".into());
     };
     if cookie != V2_COOKIE {
@@ -212,9 +211,12 @@ fn decode(text: &str) -> Result<Histogram<u64>, String> {
             "a histogram of {digits} significant digits: leaktrace writes {SIGNIFICANT_DIGITS}"
         ));
     }
-    Deserializer::new()
+    let mut h: Histogram<u64> = Deserializer::new()
         .deserialize(&mut inflated.as_slice())
-        .map_err(|e| format!("a histogram that does not decode: {e:?}"))
+        .map_err(|e| format!("a histogram that does not decode: {e:?}"))?;
+    // So that histograms of other ranges can be added to it.
+    h.auto(true);
+    Ok(h)
 }
 
 impl Histograms {
@@ -254,7 +256,14 @@ impl Histograms {
             return;
         }
         match self.series_mut(name, unit) {
-            Some(s) => s.open.get_or_insert_with(empty).saturating_record_n(value, n),
+            Some(s) => {
+                let h = s.open.get_or_insert_with(empty);
+                // Auto-resize grows the histogram to the value; saturating_record_n would clamp
+                // it to the current top instead. It fails only past what a u64 histogram holds.
+                if h.record_n(value, n).is_err() {
+                    h.saturating_record_n(value, n);
+                }
+            }
             None => self.dropped = self.dropped.saturating_add(n),
         }
     }
@@ -375,7 +384,10 @@ mod tests {
         let total: u64 = s.intervals.iter().map(|i| i.decode().unwrap().len()).sum();
         assert_eq!(total, MAX_INTERVALS as u64 * 2);
         assert_eq!(s.intervals[0].start_s, 0.0);
-        assert_eq!(s.intervals.last().unwrap().end_s, MAX_INTERVALS as f64 * 2.0);
+        assert_eq!(
+            s.intervals.last().unwrap().end_s,
+            MAX_INTERVALS as f64 * 2.0
+        );
         assert!(s.intervals.windows(2).all(|w| w[0].end_s <= w[1].start_s));
         assert_eq!(h.dropped, 0);
     }

@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+pub mod blocks;
 pub mod histograms;
 pub mod native;
 pub mod vm;
@@ -119,6 +120,9 @@ pub struct Recording {
     /// What the native probes saw (None: not attached in this run).
     #[serde(default)]
     pub native: Option<NativeEvidence>,
+    /// What the block probes saw (`--blocks`; None: not asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<blocks::BlockEvidence>,
     /// Size and lifetime distributions (HdrHistograms over time), when measured.
     #[serde(default, skip_serializing_if = "histograms::Histograms::is_empty")]
     pub histograms: histograms::Histograms,
@@ -217,6 +221,10 @@ pub struct Sample {
     pub baseline: Option<u64>,
     /// What none of the other lines explains.
     pub unexplained: Option<i64>,
+    /// `--blocks`: net bytes of ERTS blocks allocated since the block probes attached
+    /// (probe-derived: blocks from before attach are not in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_net: Option<i64>,
     /// Net mapped carrier bytes since attach (created minus destroyed), beside the resident
     /// `carriers`: what the cross-check compares with the VM's mapped `carriers_size`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
