@@ -316,6 +316,69 @@ impl BlockLedger {
     }
 }
 
+/// What the block probes saw, a few lines for people: the top allocators, and with a VM
+/// connection the VM's own change of used bytes beside the probes' and why they differ.
+pub fn summary_lines(rec: &crate::recording::Recording) -> Vec<String> {
+    use crate::units::human_bytes;
+    let Some(b) = rec.blocks.as_ref() else {
+        return Vec::new();
+    };
+    let Some(at) = b.attached_at_s else {
+        return vec![b.reason.clone()];
+    };
+    let mut out = Vec::new();
+    let top: Vec<String> = b
+        .allocators
+        .iter()
+        .take(4)
+        .map(|g| {
+            format!(
+                "{} {} ({} allocated, {} freed, {} frees of older blocks)",
+                g.name,
+                human_bytes(g.net_bytes as f64),
+                g.allocs,
+                g.frees,
+                g.unknown_frees
+            )
+        })
+        .collect();
+    out.push(format!(
+        "since {at:.1} s (probe-derived, blocks from before attach not included): {}",
+        if top.is_empty() {
+            "no block calls".to_owned()
+        } else {
+            top.join("; ")
+        }
+    ));
+    let probe = rec.samples.iter().filter_map(|s| s.blocks_net).collect::<Vec<_>>();
+    let vm: Vec<(f64, u64)> = rec
+        .samples
+        .iter()
+        .filter(|s| s.blocks_net.is_some())
+        .filter_map(|s| Some((s.t_s, s.vm_used?)))
+        .collect();
+    if let (Some(p0), Some(p1), Some(v0), Some(v1)) =
+        (probe.first(), probe.last(), vm.first(), vm.last())
+    {
+        let unknown: u64 = b.allocators.iter().map(|g| g.unknown_frees).sum();
+        out.push(format!(
+            "probes {} vs VM vm_used {} over the same samples: the VM counts block headers and blocks freed that were allocated before attach ({unknown} such frees, sizes unknown to the probes)",
+            human_bytes((p1 - p0) as f64),
+            human_bytes(v1.1 as f64 - v0.1 as f64)
+        ));
+    }
+    if let Some(t) = b.detached_at_s {
+        out.push(format!("detached at {t:.1} s by --max-overhead: figures frozen there"));
+    }
+    if b.live_full + b.types_full > 0 {
+        out.push(format!(
+            "{} blocks untracked (live map full), {} calls uncounted (type map full): block figures are lower bounds",
+            b.live_full, b.types_full
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -454,15 +454,20 @@ pub fn to_markdown(report: &Report) -> String {
     o
 }
 
+/// A ledger figure of a sample, as bytes.
+type Figure = fn(&Sample) -> Option<f64>;
+
 /// The ledger lines of the evidence table: name and the figure of a sample.
-const EVIDENCE_LINES: [(&str, fn(&Sample) -> Option<f64>); 8] = [
+const EVIDENCE_LINES: [(&str, Figure); 8] = [
     ("rss", |s| s.rss.map(|v| v as f64)),
     ("rss_anon", |s| s.rss_anon.map(|v| v as f64)),
     ("carriers", |s| s.carriers.map(|v| v as f64)),
     ("mseg_cache", |s| s.mseg_cache.map(|v| v as f64)),
     ("vm_used", |s| s.vm_used.map(|v| v as f64)),
     ("vm_allocated", |s| s.vm_allocated.map(|v| v as f64)),
-    ("native_outstanding", |s| s.native_outstanding.map(|v| v as f64)),
+    ("native_outstanding", |s| {
+        s.native_outstanding.map(|v| v as f64)
+    }),
     ("unexplained", |s| s.unexplained.map(|v| v as f64)),
 ];
 
@@ -477,7 +482,11 @@ fn evidence_markdown(o: &mut String, report: &Report) {
     let mut rows = 0;
     for (name, value) in EVIDENCE_LINES {
         let first = r.samples.iter().find_map(|s| Some((s.t_s, value(s)?)));
-        let last = r.samples.iter().rev().find_map(|s| Some((s.t_s, value(s)?)));
+        let last = r
+            .samples
+            .iter()
+            .rev()
+            .find_map(|s| Some((s.t_s, value(s)?)));
         let (Some((_, a)), Some((_, b))) = (first, last) else {
             continue;
         };
@@ -488,7 +497,10 @@ fn evidence_markdown(o: &mut String, report: &Report) {
             human_bytes(a),
             human_bytes(b),
             human_bytes(b - a),
-            trend.map_or("—".into(), |t| format!("{}/s", human_bytes(t.slope_bytes_per_s))),
+            trend.map_or("—".into(), |t| format!(
+                "{}/s",
+                human_bytes(t.slope_bytes_per_s)
+            )),
             trend.map_or("—", |t| if t.grows { "yes" } else { "no" })
         );
         rows += 1;
@@ -737,6 +749,9 @@ pub fn terminal_summary(report: &Report) -> String {
     if let Some(line) = report.cross_check.line() {
         let _ = write!(o, "\n  check: {line}");
     }
+    for line in crate::blocks::summary_lines(&report.recording) {
+        let _ = write!(o, "\n  blocks: {}", clean(&line));
+    }
     o
 }
 
@@ -758,14 +773,15 @@ pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
     };
     // Secrets never reach the bundle, whoever filled the command line.
     let redacted;
-    let report = if redact_command_line(&report.recording.command_line) == report.recording.command_line {
-        report
-    } else {
-        let mut r = report.clone();
-        r.recording.command_line = redact_command_line(&r.recording.command_line);
-        redacted = r;
-        &redacted
-    };
+    let report =
+        if redact_command_line(&report.recording.command_line) == report.recording.command_line {
+            report
+        } else {
+            let mut r = report.clone();
+            r.recording.command_line = redact_command_line(&r.recording.command_line);
+            redacted = r;
+            &redacted
+        };
     let mut files: Vec<(String, Vec<u8>)> = vec![
         ("report.json".into(), to_json(report).into_bytes()),
         ("report.md".into(), to_markdown(report).into_bytes()),

@@ -229,6 +229,12 @@ pub fn degradation(rec: &Recording) -> Vec<String> {
             n.sites_full
         ));
     }
+    if let Some(b) = rec.blocks.as_ref().filter(|b| b.live_full + b.types_full > 0) {
+        out.push(format!(
+            "{} ERTS blocks went untracked (live-block map full) and {} block calls uncounted (type map full): block figures are lower bounds",
+            b.live_full, b.types_full
+        ));
+    }
     if !rec.losses.unreadable.is_empty() {
         out.push(format!(
             "counters that could not be read (unknown, not 0): {}",

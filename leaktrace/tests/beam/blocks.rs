@@ -130,3 +130,121 @@ fn emptied_ets_table_without_vm_is_fragmentation_of_ets_alloc() {
         .unwrap_or("");
     assert!(detail.contains("probe-derived"), "{detail}");
 }
+
+/// ets_alloc block bytes the VM reports in one VM sample (all instances).
+fn vm_ets_blocks(sample: &Value) -> u64 {
+    sample["allocators"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|i| i["name"] == "ets_alloc")
+                .filter_map(|i| i["blocks"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn block_bytes_agree_with_the_vm_and_max_overhead_detaches() {
+    if !privileged("block_bytes_agree_with_the_vm_and_max_overhead_detaches") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::distributed("lt_blockvm", "lt_vm:grow_table(2000, 50)");
+    thread::sleep(Duration::from_millis(500));
+    let pid = node.pid().to_string();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "8s",
+        "--interval",
+        "500ms",
+        "--native",
+        "off",
+        "--blocks",
+        "--max-overhead",
+        "200",
+        "--json",
+    ]);
+    let report = json(&out);
+    assert_eq!(
+        report["sources"]["vm_connection"],
+        true,
+        "stderr: {}",
+        stderr(&out)
+    );
+    let vm = report["vm"]["samples"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let attached = report["blocks"]["attached_at_s"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    let from = vm
+        .iter()
+        .find(|s| s["t_s"].as_f64().unwrap_or(0.0) >= attached);
+    let (Some(from), Some(to)) = (from, vm.last()) else {
+        panic!(
+            "no VM samples after the block probes attached: {}",
+            evidence(&report)
+        );
+    };
+    let vm_change = vm_ets_blocks(to) as f64 - vm_ets_blocks(from) as f64;
+    let probes_end = report["blocks"]["allocators"]
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["name"] == "ets_alloc"))
+        .and_then(|g| g["net_bytes"].as_i64())
+        .unwrap_or(0) as f64;
+    // The probes' figure at the VM samples' times, from their series.
+    let at = |t: f64| {
+        report["blocks"]["series"]
+            .as_array()
+            .and_then(|s| {
+                s.iter()
+                    .filter(|p| p["t_s"].as_f64().unwrap_or(f64::MAX) <= t + 0.01)
+                    .last()
+                    .and_then(|p| p["by_group"]["ets_alloc"].as_i64())
+            })
+            .unwrap_or(0) as f64
+    };
+    let probe_change =
+        at(to["t_s"].as_f64().unwrap_or(0.0)) - at(from["t_s"].as_f64().unwrap_or(0.0));
+    eprintln!(
+        "ets_alloc blocks over the same samples: probes {probe_change:.0} B, VM {vm_change:.0} B (probes at the end {probes_end:.0} B)"
+    );
+    assert!(vm_change > 10e6, "the table should grow: {vm_change}");
+    // The VM counts block headers and alignment: the two agree within 10%.
+    assert!(
+        (probe_change - vm_change).abs() <= 0.10 * vm_change,
+        "probes {probe_change} vs VM {vm_change}\n{}",
+        evidence(&report)
+    );
+
+    // The same node under a budget of 1% of a CPU: the block probes are detached early, and
+    // the report says when and why.
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "6s",
+        "--interval",
+        "500ms",
+        "--native",
+        "off",
+        "--no-vm",
+        "--blocks",
+        "--max-overhead",
+        "1",
+        "--json",
+    ]);
+    let report = json(&out);
+    let detached = report["blocks"]["detached_at_s"].as_f64();
+    let reason = report["blocks"]["reason"].as_str().unwrap_or("");
+    eprintln!("--max-overhead 1: detached at {detached:?}: {reason}");
+    assert!(detached.is_some(), "{}", evidence(&report));
+    assert!(reason.contains("--max-overhead 1%"), "{reason}");
+    assert_ne!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+}
