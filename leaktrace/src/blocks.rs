@@ -195,7 +195,13 @@ impl BlockLedger {
             } else {
                 allocator.clone()
             };
-            add(&mut out.entry(name).or_insert((allocator, BlockStats::default())).1, s);
+            add(
+                &mut out
+                    .entry(name)
+                    .or_insert((allocator, BlockStats::default()))
+                    .1,
+                s,
+            );
         }
         out
     }
@@ -278,7 +284,7 @@ impl BlockLedger {
                 }
             })
             .collect();
-        rows.sort_by(|a, b| b.net_bytes.cmp(&a.net_bytes));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.net_bytes));
         rows
     }
 
@@ -350,7 +356,11 @@ pub fn summary_lines(rec: &crate::recording::Recording) -> Vec<String> {
             top.join("; ")
         }
     ));
-    let probe = rec.samples.iter().filter_map(|s| s.blocks_net).collect::<Vec<_>>();
+    let probe = rec
+        .samples
+        .iter()
+        .filter_map(|s| s.blocks_net)
+        .collect::<Vec<_>>();
     let vm: Vec<(f64, u64)> = rec
         .samples
         .iter()
@@ -368,7 +378,9 @@ pub fn summary_lines(rec: &crate::recording::Recording) -> Vec<String> {
         ));
     }
     if let Some(t) = b.detached_at_s {
-        out.push(format!("detached at {t:.1} s by --max-overhead: figures frozen there"));
+        out.push(format!(
+            "detached at {t:.1} s by --max-overhead: figures frozen there"
+        ));
     }
     if b.live_full + b.types_full > 0 {
         out.push(format!(
@@ -409,15 +421,24 @@ mod tests {
     fn types_are_named_from_the_node_tables() {
         let n = names();
         assert_eq!(n.of((40 << 7) | 6), ("ets_alloc".into(), "db_term".into()));
-        assert_eq!(n.of((200 << 7) | 9), ("allocator 9".into(), "type 200".into()));
+        assert_eq!(
+            n.of((200 << 7) | 9),
+            ("allocator 9".into(), "type 200".into())
+        );
     }
 
     #[test]
     fn groups_sum_types_and_rank_by_growth() {
         let mut l = BlockLedger::new(names(), vec![]);
-        l.update([((40 << 7) | 6, stats(10, 2, 100)), ((41 << 7) | 6, stats(3, 3, 64))]);
+        l.update([
+            ((40 << 7) | 6, stats(10, 2, 100)),
+            ((41 << 7) | 6, stats(3, 3, 64)),
+        ]);
         l.record_point(1.0);
-        l.update([((40 << 7) | 6, stats(20, 2, 100)), ((41 << 7) | 6, stats(3, 3, 64))]);
+        l.update([
+            ((40 << 7) | 6, stats(20, 2, 100)),
+            ((41 << 7) | 6, stats(3, 3, 64)),
+        ]);
         l.record_point(2.0);
         let e = l.evidence(Some(0.0), "--blocks".into());
         assert_eq!(e.allocators.len(), 1);

@@ -14,9 +14,12 @@ pub struct Rss {
     pub anon: u64,
     /// RssFile + RssShmem.
     pub file: u64,
+    /// The memory cgroup's figures at the same instant (all `None` without a cgroup of its own).
+    pub cgroup: crate::cgroup::Figures,
 }
 
-/// Reads the RSS of `pid`. `None` once the process is gone or a zombie (no memory lines).
+/// Reads the RSS of `pid`, and its memory cgroup's figures beside it. `None` once the process
+/// is gone or a zombie (no memory lines).
 pub fn read_rss(pid: u32) -> Option<Rss> {
     let status = procfs::process::Process::new(pid as i32)
         .ok()?
@@ -27,6 +30,7 @@ pub fn read_rss(pid: u32) -> Option<Rss> {
         rss: kib(status.vmrss)?,
         anon: kib(status.rssanon)?,
         file: kib(status.rssfile)?.saturating_add(kib(status.rssshmem).unwrap_or(0)),
+        cgroup: crate::cgroup::read(pid),
     })
 }
 
@@ -86,6 +90,9 @@ pub fn sample(t_s: f64, rss: Rss, baseline: u64, acc: Accounted) -> Sample {
         unexplained: Some(rss.anon as i64 - baseline as i64 - explained),
         carriers_by_allocator: acc.carriers_by_allocator,
         carriers_mapped: acc.carriers_mapped,
+        cgroup_memory: rss.cgroup.memory,
+        cgroup_anon: rss.cgroup.anon,
+        cgroup_file: rss.cgroup.file,
         ..Default::default()
     }
 }
@@ -100,6 +107,7 @@ mod tests {
             rss: 300 << 20,
             anon: 250 << 20,
             file: 50 << 20,
+            ..Default::default()
         };
         let s = sample(
             3.0,
@@ -128,6 +136,7 @@ mod tests {
                 rss: anon + (30 << 20),
                 anon,
                 file: 30 << 20,
+                ..Default::default()
             };
             let resident = Accounted {
                 carriers: Some((touched << 20) as i64),

@@ -7,6 +7,7 @@
 pub mod blocks;
 pub mod bundle;
 pub mod carriers;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod diff;
@@ -15,6 +16,7 @@ pub mod image;
 pub mod launch;
 pub mod ledger;
 pub mod lock;
+pub mod namespace;
 pub mod native;
 pub mod placement;
 pub mod privilege;

@@ -152,6 +152,18 @@ impl Container {
     }
 }
 
+/// The report's source notes about how `pid` is contained, taken at attach: its namespaces
+/// (when it is in a container) and why its memory cgroup gives no figures (when it does not).
+pub fn container_notes(pid: u32) -> Vec<String> {
+    let mut notes: Vec<String> = Container::of(pid).note(pid).into_iter().collect();
+    if let Err(why) = crate::cgroup::locate(pid) {
+        notes.push(format!(
+            "cgroup memory not measured (no cgroup_memory, cgroup_anon, cgroup_file): {why}"
+        ));
+    }
+    notes
+}
+
 /// The PID of `pid` inside its innermost PID namespace: the last field of the `NSpid` line of
 /// `/proc/PID/status` (Linux 4.1+). `None` when unreadable.
 pub fn inner_pid(pid: u32) -> Option<u32> {
@@ -198,7 +210,13 @@ impl NetNamespace {
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NamespaceError> {
         let pid = self.pid;
         let expected = self.id;
-        run_joined(pid, true, is_other(pid, "uts") == Some(true), Some(expected), f)
+        run_joined(
+            pid,
+            true,
+            is_other(pid, "uts") == Some(true),
+            Some(expected),
+            f,
+        )
     }
 }
 
@@ -258,8 +276,7 @@ fn join(
     expected: Option<(u64, u64)>,
 ) -> Result<(), NamespaceError> {
     let fail = |reason: String| NamespaceError::Enter { pid, kind, reason };
-    let file =
-        File::open(format!("/proc/{pid}/ns/{kind}")).map_err(|e| fail(e.to_string()))?;
+    let file = File::open(format!("/proc/{pid}/ns/{kind}")).map_err(|e| fail(e.to_string()))?;
     if let Some(id) = expected {
         let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
         if (meta.dev(), meta.ino()) != id {
@@ -354,9 +371,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
         let result = ns.map(|ns| {
-            ns.run(|| {
-                fs::read_link("/proc/thread-self/ns/net").map(|l| l.display().to_string())
-            })
+            ns.run(|| fs::read_link("/proc/thread-self/ns/net").map(|l| l.display().to_string()))
         });
         let _ = child.kill();
         let _ = child.wait();

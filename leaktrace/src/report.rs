@@ -322,6 +322,7 @@ pub fn to_markdown(report: &Report) -> String {
             icell(s.unexplained)
         );
     }
+    o += &crate::cgroup::render(r, "\n", md);
     let _ = writeln!(
         o,
         "\n## Trends\n\n| line | slope | growth over run | 2nd half | r² | grows |\n|---|---:|---:|---:|---:|---|"
@@ -641,10 +642,14 @@ fn measured_markdown(o: &mut String, report: &Report) {
 fn versions_markdown(o: &mut String, r: &Recording) {
     let _ = writeln!(
         o,
-        "\n## Versions\n\n| what | version |\n|---|---|\n| leaktrace | {} |\n| OTP | {} |\n| beam.smp | {} |\n| kernel | not recorded (run `uname -r` on the traced host) |",
+        "\n## Versions\n\n| what | version |\n|---|---|\n| leaktrace | {} |\n| OTP | {} |\n| beam.smp | {} |\n| kernel | {} |",
         md(&r.tool_version),
         md(r.target.otp_release.as_deref().unwrap_or("unknown")),
-        md(&r.target.exe)
+        md(&r.target.exe),
+        r.kernel
+            .as_deref()
+            .map(md)
+            .unwrap_or_else(|| "not recorded (run `uname -r` on the traced host)".into())
     );
     let _ = writeln!(o, "\n## Command line\n");
     if r.command_line.is_empty() {
@@ -752,6 +757,7 @@ pub fn terminal_summary(report: &Report) -> String {
     for line in crate::blocks::summary_lines(&report.recording) {
         let _ = write!(o, "\n  blocks: {}", clean(&line));
     }
+    o += &crate::cgroup::render(&report.recording, "\n  cgroup: ", clean);
     o
 }
 

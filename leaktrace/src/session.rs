@@ -75,6 +75,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                     exe: proc.exe.display().to_string(),
                     otp_release: proc.otp_release,
                     node: proc.node,
+                    cgroup: crate::cgroup::locate(*pid).ok().map(|l| l.describe()),
                 },
                 exe_for_maps: proc.exe,
                 symbols,
@@ -121,6 +122,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                     exe: beam.display().to_string(),
                     otp_release: target::otp_release(&beam, &cmdline),
                     node: target::node_name(&cmdline),
+                    cgroup: crate::cgroup::locate(pid).ok().map(|l| l.describe()),
                 },
                 exe_for_maps: fs::canonicalize(&beam).unwrap_or(beam),
                 symbols,
@@ -186,8 +188,8 @@ impl NativeProbes {
             self.mode = NativeMode::Off;
             return;
         };
-        // Through the target's root: the right file also for a node in a container.
-        let path = PathBuf::from(format!("/proc/{}/root{libc}", traced.pid));
+        // The very file the target maps, also for a node in a container.
+        let path = crate::namespace::host_path(traced.pid, &libc);
         // Before the entry probes attach: every call they see captures its stack, or none does.
         if self.stacks > 0
             && let Err(e) = tracer.set_stack_depth(self.stacks)
@@ -246,7 +248,10 @@ impl NativeProbes {
 
     /// The evidence for the recording (None with `--native off`), and the native loss
     /// counters that could not be read.
-    fn finish(mut self, tracer: &Tracer) -> (Option<crate::recording::NativeEvidence>, Vec<String>) {
+    fn finish(
+        mut self,
+        tracer: &Tracer,
+    ) -> (Option<crate::recording::NativeEvidence>, Vec<String>) {
         if self.mode == NativeMode::Off && self.ledger.is_none() && self.attached_at_s.is_none() {
             let e = (self.reason != "--native off").then(|| crate::recording::NativeEvidence {
                 reason: self.reason,
@@ -329,7 +334,8 @@ impl BlockProbes {
         self.tries_left -= 1;
         let Some(view) = ImageView::find(traced.pid, &traced.exe_for_maps, &traced.symbols) else {
             if self.tries_left == 0 {
-                self.reason = "--blocks: beam.smp's image was never found mapped in the target".into();
+                self.reason =
+                    "--blocks: beam.smp's image was never found mapped in the target".into();
             }
             return;
         };
@@ -528,6 +534,7 @@ async fn sample_loop(
         .iter()
         .filter(|p| p.required)
         .all(|p| tracer.attached(p.program));
+    let container_notes = crate::namespace::container_notes(traced.pid);
     let mut ledger = CarrierLedger::new();
     let mut learned = Learned {
         names: OwnerNames::default(),
@@ -647,6 +654,7 @@ async fn sample_loop(
     fill_vm_figures(&mut samples, figures);
     let vm_connection = vm_evidence.as_ref().is_some_and(|e| !e.samples.is_empty());
     let mut source_notes: Vec<String> = vec![vm_note];
+    source_notes.extend(container_notes);
     if let Some(e) = vm_evidence
         .as_ref()
         .filter(|e| !e.disabled_allocators.is_empty())
@@ -732,7 +740,12 @@ async fn sample_loop(
         native: native_evidence,
         blocks: block_evidence,
         histograms,
-        command_line: Default::default(),
+        command_line: crate::report::redact_command_line(
+            &std::env::args().collect::<Vec<String>>(),
+        ),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .map(|k| k.trim().chars().take(128).collect()),
     };
     Ok(Finished {
         recording,

@@ -67,10 +67,16 @@ pub fn inspect(pid: u32) -> Result<TargetProcess, Error> {
         });
     }
     let cmdline = read_cmdline(pid).unwrap_or_default();
+    // In a container the paths are the container's: read them inside its root.
+    let otp_release = if crate::namespace::is_other(pid, "mnt") == Some(true) {
+        otp_release_in_root(pid, &exe, &cmdline)
+    } else {
+        otp_release(&exe, &cmdline)
+    };
     Ok(TargetProcess {
         pid,
         image: PathBuf::from(format!("/proc/{pid}/exe")),
-        otp_release: otp_release(&exe, &cmdline),
+        otp_release,
         node: node_name(&cmdline),
         exe,
     })
@@ -113,6 +119,47 @@ pub fn otp_release(exe: &Path, cmdline: &[String]) -> Option<String> {
         let version = fs::read_to_string(entry.ok()?.path().join("OTP_VERSION")).ok()?;
         Some(version.trim().to_owned())
     })
+}
+
+/// Most entries of a `releases` directory looked at.
+const RELEASES_CAP: usize = 64;
+/// Largest `OTP_VERSION` file read.
+const OTP_VERSION_CAP: u64 = 64;
+
+/// [`otp_release`] of a target in another mount namespace: the directories are the
+/// container's, opened inside `/proc/PID/root` with no symlink followed, and `OTP_VERSION`
+/// read only if it is a small regular file owned by root or the node's user.
+pub fn otp_release_in_root(pid: u32, exe: &Path, cmdline: &[String]) -> Option<String> {
+    use std::os::fd::AsRawFd;
+
+    use crate::vm::discover::{FileRule, open_dir_in_root, read_in_root};
+
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let otp_root = flag_value(cmdline, "-root")
+        .map(PathBuf::from)
+        .or_else(|| exe.parent()?.parent()?.parent().map(Path::to_path_buf))?;
+    let releases = otp_root.join("releases");
+    let dir = open_dir_in_root(&root, &releases).ok()?;
+    let uid = crate::vm::discover::target_uid(pid)?;
+    let rule = FileRule {
+        owners: &[0, uid],
+        node_uid: uid,
+        cap: OTP_VERSION_CAP,
+    };
+    fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .ok()?
+        .take(RELEASES_CAP)
+        .find_map(|entry| {
+            let name = entry.ok()?.file_name();
+            let file = releases.join(name).join("OTP_VERSION");
+            let raw = read_in_root(&root, None, &file, rule).ok()?;
+            let version = String::from_utf8(raw).ok()?;
+            let version = version.trim();
+            (!version.is_empty()
+                && version.len() < 32
+                && version.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| version.to_owned())
+        })
 }
 
 #[cfg(test)]

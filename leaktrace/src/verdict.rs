@@ -229,7 +229,11 @@ pub fn degradation(rec: &Recording) -> Vec<String> {
             n.sites_full
         ));
     }
-    if let Some(b) = rec.blocks.as_ref().filter(|b| b.live_full + b.types_full > 0) {
+    if let Some(b) = rec
+        .blocks
+        .as_ref()
+        .filter(|b| b.live_full + b.types_full > 0)
+    {
         out.push(format!(
             "{} ERTS blocks went untracked (live-block map full) and {} block calls uncounted (type map full): block figures are lower bounds",
             b.live_full, b.types_full
@@ -796,7 +800,7 @@ fn block_findings(
                 })
         })
         .collect();
-    fragmented.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    fragmented.sort_by_key(|c| std::cmp::Reverse(c.bytes));
     match fragmented.first() {
         Some(first) => {
             let free: i64 = fragmented.iter().map(|c| c.bytes).sum();

@@ -126,6 +126,9 @@ pub struct Recording {
     /// Size and lifetime distributions (HdrHistograms over time), when measured.
     #[serde(default, skip_serializing_if = "histograms::Histograms::is_empty")]
     pub histograms: histograms::Histograms,
+    /// Kernel release of the traced host (`uname -r`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     /// leaktrace's own command line, secrets removed ([`crate::report::redact_command_line`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command_line: Vec<String>,
@@ -142,6 +145,11 @@ pub struct Target {
     pub otp_release: Option<String>,
     /// Erlang node name (`-sname`/`-name`), when distributed.
     pub node: Option<String>,
+    /// The target's memory cgroup and its version (`cgroup v2 /system.slice/app.service
+    /// (/sys/fs/cgroup/...)`), when it has one other than the root: where the `cgroup_*`
+    /// sample lines come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// Why a run ended.
@@ -232,6 +240,16 @@ pub struct Sample {
     /// Net carrier bytes since attach, per allocator name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub carriers_by_allocator: BTreeMap<String, i64>,
+    /// What the target's memory cgroup is charged (`memory.current`, v1
+    /// `memory.usage_in_bytes`): what its limit and the OOM killer read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_memory: Option<u64>,
+    /// Anonymous memory of the cgroup (`anon`, v1 `total_rss` of `memory.stat`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_anon: Option<u64>,
+    /// Page cache of the cgroup, shared memory included (`file`, v1 `total_cache`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_file: Option<u64>,
 }
 
 /// Carrier totals of one allocator over the run (changes since attach).

@@ -45,13 +45,13 @@ pub enum VmError {
         /// Why.
         reason: String,
     },
-    /// The node runs in another network namespace: its 127.0.0.1 is not ours.
-    #[error(
-        "PID {pid} runs in another network namespace (a container?): leaktrace only connects to 127.0.0.1 of its own; run it inside the node's network namespace (nsenter -t {pid} -n)"
-    )]
+    /// The node runs in another network namespace (a container) that could not be entered.
+    #[error("no way to the node's 127.0.0.1: {reason}")]
     OtherNetns {
         /// The process.
         pid: u32,
+        /// Why, and what to do (from [`crate::namespace::NamespaceError`]).
+        reason: String,
     },
     /// The node name found is not registered with epmd.
     #[error(
@@ -217,16 +217,27 @@ async fn timeout<T>(d: Duration, fut: impl std::future::Future<Output = T>) -> O
 
 impl VmClient {
     /// Connects as a hidden node to the node found by [`crate::vm::discover::find_node`]: always
-    /// to 127.0.0.1 at `addr.port`, whatever host `addr.name` carries. The cookie is used for
-    /// the handshake and then dropped.
+    /// to 127.0.0.1 at `addr.port`, whatever host `addr.name` carries; for a node in another
+    /// network namespace (a container), that namespace's 127.0.0.1, dialled from a thread that
+    /// joined it (the socket stays there; the connection then runs on any thread). The cookie
+    /// is used for the handshake and then dropped.
     pub fn connect(addr: &NodeAddress, cookie: &str) -> Result<VmClient, VmError> {
         let node = addr.name.clone();
         // erl_rpc dials the host part of the name it is given: make that 127.0.0.1.
         let local = format!("{}@127.0.0.1", addr.alive());
-        let result = smol::block_on(timeout(
-            CONNECT_TIMEOUT,
-            RpcClient::connect_with_port(&local, addr.port, cookie),
-        ));
+        let dial = || {
+            smol::block_on(timeout(
+                CONNECT_TIMEOUT,
+                RpcClient::connect_with_port(&local, addr.port, cookie),
+            ))
+        };
+        let result = match &addr.netns {
+            None => dial(),
+            Some(ns) => ns.run(dial).map_err(|e| VmError::OtherNetns {
+                pid: ns.pid,
+                reason: e.to_string(),
+            })?,
+        };
         let client = match result {
             None => {
                 return Err(VmError::Refused {

@@ -20,7 +20,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::vm::{client::VmError, epmd};
+use crate::{
+    namespace::{self, NetNamespace},
+    vm::{client::VmError, epmd},
+};
 
 /// Most bytes read from `/proc/PID/cmdline` and `/proc/PID/environ`.
 pub const PROC_CAP: u64 = 1 << 20;
@@ -103,6 +106,9 @@ pub struct NodeAddress {
     pub port: u16,
     /// One sentence: how it was found.
     pub how: String,
+    /// The network namespace the node listens in, when it is not leaktrace's (a container):
+    /// its 127.0.0.1 is reached from a thread that joined it.
+    pub netns: Option<NetNamespace>,
 }
 
 impl NodeAddress {
@@ -112,7 +118,8 @@ impl NodeAddress {
     }
 }
 
-/// This machine's host name.
+/// The host name of the calling thread's UTS namespace: this machine's, or inside
+/// [`namespace::in_target_namespaces`] the container's (what its `-sname` nodes are named after).
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -225,6 +232,23 @@ fn openat2(dirfd: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<OwnedFd>
     }
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens the directory `path` as named by the target, inside `root` (normally
+/// `/proc/PID/root`), with no symlink followed; for listing it (`/proc/self/fd/N`).
+pub fn open_dir_in_root(root: &Path, path: &Path) -> Result<OwnedFd, Refusal> {
+    let dirfd: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(root)
+        .map_err(|e| format!("cannot be looked up: cannot open {} ({e})", root.display()))?
+        .into();
+    openat2(
+        &dirfd,
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+    )
+    .map_err(|e| errno_reason(&e))
 }
 
 /// Which files may be read: who must own them, and how large they may be.
@@ -585,12 +609,6 @@ pub fn listen_ports(pid: u32) -> std::io::Result<BTreeSet<u16>> {
     Ok(ports)
 }
 
-fn same_netns(pid: u32) -> Option<bool> {
-    let mine = fs::read_link("/proc/self/ns/net").ok()?;
-    let theirs = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
-    Some(mine == theirs)
-}
-
 fn epmd_port_of(env: &[(String, String)]) -> u16 {
     env_get(env, "ERL_EPMD_PORT")
         .and_then(|p| p.trim().parse().ok())
@@ -624,10 +642,33 @@ fn ports_list(ports: &BTreeSet<u16>) -> String {
 /// `ERL_ZFLAGS` of its environment, or in an `-args_file`; else the one epmd name whose port
 /// `pid` itself listens on. The port always comes from epmd on 127.0.0.1 (at `ERL_EPMD_PORT`
 /// of the node's environment, default 4369), and is checked to be one `pid` listens on.
+///
+/// A node in a container is looked for from inside its network and UTS namespaces (epmd on
+/// the container's 127.0.0.1, `-sname` completed with the container's host name); the address
+/// keeps the namespace for [`crate::vm::client::VmClient::connect`], and says the PID the
+/// container knows the node by.
 pub fn find_node(pid: u32, given: Option<&str>) -> Result<NodeAddress, VmError> {
-    if same_netns(pid) == Some(false) {
-        return Err(VmError::OtherNetns { pid });
+    let netns = NetNamespace::of_target(pid);
+    let mut addr =
+        namespace::in_target_namespaces(pid, || find_node_here(pid, given)).map_err(|e| {
+            VmError::OtherNetns {
+                pid,
+                reason: e.to_string(),
+            }
+        })??;
+    if let Some(ns) = netns {
+        addr.how.push_str("; reached inside its network namespace");
+        addr.netns = Some(ns);
     }
+    if let Some(inner) = namespace::inner_pid(pid).filter(|p| *p != pid) {
+        addr.how
+            .push_str(&format!("; PID {pid} is PID {inner} inside its container"));
+    }
+    Ok(addr)
+}
+
+/// [`find_node`] in the calling thread's namespaces.
+fn find_node_here(pid: u32, given: Option<&str>) -> Result<NodeAddress, VmError> {
     let env = read_environ(pid);
     let epmd_port = epmd_port_of(&env);
     let named = match given {
@@ -678,7 +719,12 @@ pub fn find_node(pid: u32, given: Option<&str>) -> Result<NodeAddress, VmError> 
                     "{how}; epmd (port {epmd_port}) has it on port {port} (not checked against PID {pid}'s sockets: {e})"
                 ),
             };
-            Ok(NodeAddress { name, port, how })
+            Ok(NodeAddress {
+                name,
+                port,
+                how,
+                netns: None,
+            })
         }
         None => {
             let names = match epmd::names(epmd_port) {
@@ -724,6 +770,7 @@ pub fn find_node(pid: u32, given: Option<&str>) -> Result<NodeAddress, VmError> 
                             if names.names.len() == 1 { "" } else { "s" },
                             one.port
                         ),
+                        netns: None,
                     })
                 }
                 many => Err(VmError::Ambiguous {
@@ -755,6 +802,7 @@ pub fn find_node_by_name(given: &str) -> Result<NodeAddress, VmError> {
             name: epmd::printable(&display),
             port: e.port,
             how: format!("--node; epmd (port {epmd_port}) has it on port {}", e.port),
+            netns: None,
         }),
         None => Err(VmError::NotRegistered {
             node: epmd::printable(&display),

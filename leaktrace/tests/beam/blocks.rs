@@ -248,3 +248,39 @@ fn block_bytes_agree_with_the_vm_and_max_overhead_detaches() {
     assert!(reason.contains("--max-overhead 1%"), "{reason}");
     assert_ne!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
 }
+
+#[test]
+fn piled_up_timers_without_vm_are_vm_growth_of_timer_and_heap_fragment_types() {
+    if !privileged("piled_up_timers_without_vm_are_vm_growth_of_timer_and_heap_fragment_types") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::start("lt_vm:pile_timers(2000, 50)");
+    thread::sleep(Duration::from_millis(500));
+    let (out, report) = blocks_run(node.pid(), "6s");
+    eprintln!("{}", evidence(&report));
+    assert_eq!(
+        report["sources"]["block_probes"],
+        true,
+        "stderr: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        report["verdict"]["kind"],
+        "vm_growth",
+        "{}",
+        evidence(&report)
+    );
+    let names: Vec<&str> = report["verdict"]["culprits"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        names.iter().any(|n| n.contains("timer")),
+        "a timer type should be named: {names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("heap_frag")),
+        "the timers' messages live in heap fragments: {names:?}"
+    );
+}
