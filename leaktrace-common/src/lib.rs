@@ -165,6 +165,29 @@ pub mod counter {
     pub const BLOCK_NESTED: u32 = LEN - 6;
 }
 
+/// Native allocation sizes and lifetimes of one call site, log2 buckets as [`BlockStats`]'s.
+/// Kept for the first [`native_limits::HIST_SITES`] sites only (the totals cover all).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NativeHist {
+    /// Allocation sizes ([`block::SIZE_BUCKETS`] log2 buckets).
+    pub sizes: [u32; block::SIZE_BUCKETS],
+    /// Lifetimes of freed allocations ([`block::LIFE_BUCKETS`] log2 microsecond buckets).
+    pub lifetimes: [u32; block::LIFE_BUCKETS],
+}
+
+impl Default for NativeHist {
+    fn default() -> Self {
+        NativeHist {
+            sizes: [0; block::SIZE_BUCKETS],
+            lifetimes: [0; block::LIFE_BUCKETS],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NativeHist {}
+
 /// Block-level (`erts_alcu_*`) aggregation in the kernel: per ERTS type, per CPU.
 pub mod block {
     /// Live blocks tracked at once (allocated since attach and not freed).
@@ -441,6 +464,8 @@ pub mod native_limits {
     pub const OUTSTANDING: u32 = 1 << 19;
     /// Allocation sites.
     pub const SITES: u32 = 1 << 16;
+    /// Sites with size and lifetime histograms (the first ones seen).
+    pub const HIST_SITES: u32 = 4096;
     /// Threads with a call in flight.
     pub const PENDING: u32 = 1 << 14;
     /// Distinct user stacks kept (`--stacks`).

@@ -34,7 +34,7 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 
 /// floor(log2(v)) for v > 0 (0 for 0), without a count-leading-zeros instruction.
 #[inline(always)]
-fn log2(mut v: u64) -> usize {
+pub(crate) fn log2(mut v: u64) -> usize {
     let mut r = 0;
     if v >= 1 << 32 {
         v >>= 32;

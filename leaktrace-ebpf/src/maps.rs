@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use leaktrace_common::{
-    BlockLive, BlockPending, BlockStats, NativeOutstanding, NativePending, NativeSite, NifResource,
-    PendingCall, StackSiteKey, block, counter, native_config, native_limits,
+    BlockLive, BlockPending, BlockStats, NativeHist, NativeOutstanding, NativePending, NativeSite,
+    NifResource, PendingCall, StackSiteKey, block, counter, native_config, native_limits,
 };
 
 /// Carrier events to userspace. Carrier calls are rare (hundreds a second on a busy node),
@@ -80,6 +80,15 @@ pub static STACKS: StackMap = StackMap(UnsafeCell::new(bpf_map_def {
 #[map]
 pub static STACK_SITES: PerCpuHashMap<StackSiteKey, NativeSite> =
     PerCpuHashMap::with_max_entries(native_limits::STACK_SITES, 0);
+
+/// Size and lifetime buckets per native allocation site (the first HIST_SITES), per CPU.
+#[map]
+pub static NATIVE_HIST: PerCpuHashMap<u64, NativeHist> =
+    PerCpuHashMap::with_max_entries(native_limits::HIST_SITES, 0);
+
+/// A zeroed [`NativeHist`] to create entries from (kept off the small BPF stack).
+#[map]
+pub static NATIVE_HIST_ZERO: PerCpuArray<NativeHist> = PerCpuArray::with_max_entries(1, 0);
 
 /// `--blocks`: blocks allocated since attach and not yet freed, by address.
 #[map]

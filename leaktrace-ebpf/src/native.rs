@@ -20,13 +20,13 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    NIF_API_SITE, NO_STACK, NO_WALK, NativeOutstanding, NativePending, NativeSite, NifResource,
-    StackSiteKey, counter, native_config, native_limits, probe_id as P,
+    NIF_API_SITE, NO_STACK, NO_WALK, NativeHist, NativeOutstanding, NativePending, NativeSite,
+    NifResource, StackSiteKey, block, counter, native_config, native_limits, probe_id as P,
 };
 
 use crate::maps::{
-    NATIVE_CONFIG, NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES, NIF_RESOURCES, STACK_SITES,
-    STACKS, bump, hit,
+    NATIVE_CONFIG, NATIVE_HIST, NATIVE_HIST_ZERO, NATIVE_OUTSTANDING, NATIVE_PENDING, NATIVE_SITES,
+    NIF_RESOURCES, STACK_SITES, STACKS, bump, hit,
 };
 
 /// A pending call older than this lost its return (longjmp, thread killed): replaced.
@@ -206,6 +206,37 @@ fn add_allocation(s: *mut NativeSite, size: u64) {
     }
 }
 
+/// This CPU's size and lifetime buckets of `site`, created on first use while there is room.
+fn hist_entry(site: u64) -> Option<*mut NativeHist> {
+    if let Some(h) = NATIVE_HIST.get_ptr_mut(&site) {
+        return Some(h);
+    }
+    let zero = NATIVE_HIST_ZERO.get(0)?;
+    let _ = NATIVE_HIST.insert(&site, zero, BPF_NOEXIST as u64);
+    NATIVE_HIST.get_ptr_mut(&site)
+}
+
+/// Counts an allocation of `size` bytes in its site's size buckets.
+fn hist_size(site: u64, size: u64) {
+    if let Some(h) = hist_entry(site) {
+        let i = crate::block::log2(size).min(block::SIZE_BUCKETS - 1);
+        // SAFETY: this CPU's value of a per-CPU map, as in `add`.
+        if let Some(b) = unsafe { (*h).sizes.get_mut(i) } {
+            *b = b.wrapping_add(1);
+        }
+    }
+}
+
+/// Counts a free `ns` nanoseconds after its allocation in its site's lifetime buckets.
+fn hist_lifetime(site: u64, ns: u64) {
+    if let Some(h) = hist_entry(site) {
+        let i = crate::block::log2(ns / 1000).min(block::LIFE_BUCKETS - 1);
+        if let Some(b) = unsafe { (*h).lifetimes.get_mut(i) } {
+            *b = b.wrapping_add(1);
+        }
+    }
+}
+
 /// Counts an allocation the outstanding map had no room for: its site is still named.
 fn add_untracked(s: *mut NativeSite, size: u64) {
     unsafe {
@@ -269,6 +300,7 @@ fn allocated(ptr: u64, call: &NativePending) {
     if let Some(t) = by_stack {
         add_allocation(t, size);
     }
+    hist_size(site, size);
 }
 
 /// Forgets the allocation at `ptr` and credits its site; an address never seen allocated is
@@ -286,6 +318,7 @@ fn freed(ptr: u64) {
         add_free(s, entry.size);
     }
     stack_freed(entry.site, entry.stack_id, entry.size);
+    hist_lifetime(entry.site, now().saturating_sub(entry.ts_ns));
 }
 
 fn ret(ctx: &RetProbeContext) -> u64 {

@@ -245,6 +245,27 @@ pub struct CarrierLedger {
     events: u64,
     undecodable: u64,
     res: Residency,
+    /// When each carrier seen created was created (`bpf_ktime_get_ns`), for its lifetime.
+    born: HashMap<u64, u64>,
+    /// Timestamp of the event being applied.
+    now_ns: u64,
+    /// Sizes of carriers created and lifetimes of carriers destroyed, not yet taken.
+    observed: Vec<CarrierObservation>,
+    /// Observations past [`MAX_OBSERVED`], not kept.
+    dropped_observations: u64,
+}
+
+/// Most observations kept between two [`CarrierLedger::take_observations`] (a bound whatever
+/// the event rate; past it they are counted in `dropped_observations`).
+const MAX_OBSERVED: usize = 1 << 16;
+
+/// A carrier created (its size) or destroyed after being seen created (its lifetime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CarrierObservation {
+    /// Created, bytes.
+    Size(CarrierOwner, u64),
+    /// Destroyed this many microseconds after it was created.
+    Lifetime(CarrierOwner, u64),
 }
 
 impl CarrierLedger {
@@ -263,8 +284,37 @@ impl CarrierLedger {
         self.literal_mapper.is_some()
     }
 
+    fn observe(&mut self, o: CarrierObservation) {
+        if self.observed.len() < MAX_OBSERVED {
+            self.observed.push(o);
+        } else {
+            self.dropped_observations += 1;
+        }
+    }
+
+    /// Sizes and lifetimes observed since the last call, and how many were not kept.
+    pub fn take_observations(&mut self) -> (Vec<CarrierObservation>, u64) {
+        (
+            std::mem::take(&mut self.observed),
+            std::mem::take(&mut self.dropped_observations),
+        )
+    }
+
+    /// Carriers seen created and still live: their lifetimes are censored.
+    pub fn live_seen_by(&self) -> BTreeMap<CarrierOwner, u64> {
+        let mut out: BTreeMap<CarrierOwner, u64> = BTreeMap::new();
+        for addr in self.born.keys() {
+            if let Some((owner, _)) = self.live.get(addr) {
+                *out.entry(*owner).or_default() += 1;
+            }
+        }
+        out
+    }
+
     fn created(&mut self, owner: CarrierOwner, addr: u64, size: u64) {
         self.live.insert(addr, (owner, size));
+        self.born.insert(addr, self.now_ns);
+        self.observe(CarrierObservation::Size(owner, size));
         let t = self.totals.entry(owner).or_default();
         t.created += 1;
         t.net_bytes += size as i64;
@@ -275,6 +325,10 @@ impl CarrierLedger {
     /// unknown.
     fn destroyed(&mut self, owner: CarrierOwner, addr: u64, size: u64) -> Option<(u64, bool)> {
         let seen = self.live.remove(&addr);
+        if let Some(b) = self.born.remove(&addr) {
+            let us = self.now_ns.saturating_sub(b) / 1000;
+            self.observe(CarrierObservation::Lifetime(owner, us));
+        }
         let size = match (size, seen) {
             (0, Some((_, s))) => s,
             (0, None) => {
@@ -299,6 +353,9 @@ impl CarrierLedger {
         size: u64,
     ) -> (u64, bool) {
         let seen = self.live.remove(&old_addr);
+        if let Some(b) = self.born.remove(&old_addr) {
+            self.born.insert(addr, b);
+        }
         let old_size = match (old_size, seen) {
             (0, Some((_, s))) => s,
             (s, _) => s,
@@ -315,6 +372,7 @@ impl CarrierLedger {
     /// Applies one probe event.
     pub fn apply(&mut self, ev: &CarrierEvent) {
         self.events += 1;
+        self.now_ns = ev.ts_ns;
         let Ok(kind) = K::try_from(ev.kind) else {
             self.undecodable += 1;
             return;
@@ -1165,5 +1223,32 @@ mod tests {
         };
         assert_eq!(names.name(CarrierOwner::Mseg(2)), "temp_alloc");
         assert_eq!(names.name(CarrierOwner::Mseg(9)), "allocator#9");
+    }
+
+    #[test]
+    fn carrier_sizes_and_lifetimes_are_observed_once_each() {
+        let mut l = CarrierLedger::new();
+        let at = |kind, addr, size, ms: u64| CarrierEvent {
+            ts_ns: ms * 1_000_000,
+            ..ev(kind, 6, addr, size)
+        };
+        l.apply(&at(K::MsegAlloc, 0x1000, 1 << 20, 10));
+        l.apply(&at(K::MsegAlloc, 0x9000, 1 << 18, 12));
+        l.apply(&at(K::MsegDealloc, 0x1000, 1 << 20, 35));
+        // A carrier from before attach: no lifetime.
+        l.apply(&at(K::MsegDealloc, 0x5000, 1 << 20, 36));
+        let (seen, dropped) = l.take_observations();
+        let owner = CarrierOwner::Mseg(6);
+        assert_eq!(
+            seen,
+            vec![
+                CarrierObservation::Size(owner, 1 << 20),
+                CarrierObservation::Size(owner, 1 << 18),
+                CarrierObservation::Lifetime(owner, 25_000),
+            ]
+        );
+        assert_eq!(dropped, 0);
+        assert!(l.take_observations().0.is_empty());
+        assert_eq!(l.live_seen_by().get(&owner), Some(&1));
     }
 }

@@ -153,6 +153,14 @@ fn memory_mount() -> Result<&'static Mount, &'static str> {
         .map_err(|e| *e)
 }
 
+/// The version and mount point of the hierarchy holding the memory controller, as leaktrace
+/// sees it; the error says why there is none.
+pub fn memory_hierarchy() -> Result<(Version, PathBuf), String> {
+    memory_mount()
+        .map(|m| (m.version, m.mountpoint.clone()))
+        .map_err(str::to_owned)
+}
+
 /// Where the target's memory cgroup is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {

@@ -16,7 +16,9 @@ use blazesym::{
         source::{Process, Source},
     },
 };
-use leaktrace_common::{NIF_API_SITE, NO_WALK, NativeSite, StackSiteKey, native_limits};
+use leaktrace_common::{
+    NIF_API_SITE, NO_WALK, NativeHist, NativeSite, StackSiteKey, native_limits,
+};
 
 use crate::recording::{
     NativeEvidence, NativeModule, NativePoint,
@@ -112,6 +114,8 @@ pub struct NativeLedger {
     frame_names: HashMap<u64, String>,
     /// Stacks the kernel walked fewer than 2 frames of, or its whole depth.
     stacks_truncated: u64,
+    /// Size and lifetime buckets per site as last put into the histograms.
+    hist_seen: HashMap<u64, NativeHist>,
 }
 
 impl std::fmt::Debug for NativeLedger {
@@ -138,6 +142,7 @@ impl NativeLedger {
             series: Vec::new(),
             stack_depth: 0,
             stack_sites: HashMap::new(),
+            hist_seen: HashMap::new(),
             stack_ips: HashMap::new(),
             frame_names: HashMap::new(),
             stacks_truncated: 0,
@@ -420,6 +425,55 @@ impl NativeLedger {
             *by_module.entry(Self::module_key(s)).or_default() += Self::outstanding_of(&s.stats);
         }
         self.series.push(NativePoint { t_s, by_module });
+    }
+
+    /// Puts the size and lifetime buckets each site gained since the last call into `h`, one
+    /// series per object (`native_size/lt_native.so`, `native_lifetime/lt_native.so`; values are
+    /// log2 bucket lower bounds). Sites not yet named (read before their first `update`) wait.
+    pub fn histograms_into(
+        &mut self,
+        hists: Vec<(u64, NativeHist)>,
+        h: &mut crate::recording::histograms::Histograms,
+    ) {
+        use crate::recording::histograms::HistogramUnit as U;
+        for (site, now) in hists {
+            let Some(s) = self.sites.get(&site) else {
+                continue;
+            };
+            let key = Self::module_key(s);
+            let before = self.hist_seen.get(&site).copied().unwrap_or_default();
+            for (i, (n, b)) in now.sizes.iter().zip(before.sizes).enumerate() {
+                h.record_n(
+                    &format!("native_size/{key}"),
+                    U::Bytes,
+                    1u64 << i,
+                    n.wrapping_sub(b) as u64,
+                );
+            }
+            for (i, (n, b)) in now.lifetimes.iter().zip(before.lifetimes).enumerate() {
+                h.record_n(
+                    &format!("native_lifetime/{key}"),
+                    U::Us,
+                    1u64 << i,
+                    n.wrapping_sub(b) as u64,
+                );
+            }
+            self.hist_seen.insert(site, now);
+        }
+    }
+
+    /// Allocations still outstanding per object: their lifetimes are censored.
+    pub fn censor_into(&self, h: &mut crate::recording::histograms::Histograms) {
+        for m in self.modules() {
+            let live = m.allocations.saturating_sub(m.frees);
+            if live > 0 {
+                h.censored(
+                    &format!("native_lifetime/{}", m.series_key()),
+                    crate::recording::histograms::HistogramUnit::Us,
+                    live,
+                );
+            }
+        }
     }
 
     /// Per-object totals, largest outstanding first.

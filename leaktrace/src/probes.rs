@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use leaktrace_common::{
-    BlockStats, CARRIER_EVENT_SIZE, CarrierEvent, NativeSite, StackSiteKey, counter, native_config,
-    probe_id as P,
+    BlockStats, CARRIER_EVENT_SIZE, CarrierEvent, NativeHist, NativeSite, StackSiteKey, counter,
+    native_config, probe_id as P,
 };
 
 use crate::{
@@ -531,6 +531,32 @@ impl Tracer {
         config
             .set(native_config::STACK_DEPTH, depth, 0)
             .map_err(|e| e.to_string())
+    }
+
+    /// The kernel's per-site native size and lifetime buckets, summed over CPUs.
+    pub fn native_hists(&self) -> Vec<(u64, NativeHist)> {
+        let Some(map) = self.ebpf.map("NATIVE_HIST") else {
+            return Vec::new();
+        };
+        let Ok(hists) = PerCpuHashMap::<&MapData, u64, NativeHist>::try_from(map) else {
+            return Vec::new();
+        };
+        hists
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(site, per_cpu)| {
+                let mut sum = NativeHist::default();
+                for v in per_cpu.iter() {
+                    for (a, b) in sum.sizes.iter_mut().zip(v.sizes) {
+                        *a = a.wrapping_add(b);
+                    }
+                    for (a, b) in sum.lifetimes.iter_mut().zip(v.lifetimes) {
+                        *a = a.wrapping_add(b);
+                    }
+                }
+                (site, sum)
+            })
+            .collect()
     }
 
     /// The kernel's per-type block totals (`--blocks`), summed over CPUs.

@@ -231,12 +231,18 @@ impl NativeProbes {
         }
     }
 
-    /// Reads the kernel's site totals into the ledger and the sample.
-    fn account(&mut self, tracer: &Tracer, s: &mut crate::recording::Sample) {
+    /// Reads the kernel's site totals into the ledger, the sample and the histograms.
+    fn account(
+        &mut self,
+        tracer: &Tracer,
+        s: &mut crate::recording::Sample,
+        h: &mut crate::recording::histograms::Histograms,
+    ) {
         let Some(ledger) = self.ledger.as_mut() else {
             return;
         };
         ledger.update(tracer.native_sites());
+        ledger.histograms_into(tracer.native_hists(), h);
         if self.stacks > 0 {
             ledger.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
         }
@@ -251,6 +257,7 @@ impl NativeProbes {
     fn finish(
         mut self,
         tracer: &Tracer,
+        h: &mut crate::recording::histograms::Histograms,
     ) -> (Option<crate::recording::NativeEvidence>, Vec<String>) {
         if self.mode == NativeMode::Off && self.ledger.is_none() && self.attached_at_s.is_none() {
             let e = (self.reason != "--native off").then(|| crate::recording::NativeEvidence {
@@ -262,6 +269,8 @@ impl NativeProbes {
         // The totals as they stand at the end (the last sample can be up to an interval old).
         if let Some(l) = self.ledger.as_mut() {
             l.update(tracer.native_sites());
+            l.histograms_into(tracer.native_hists(), h);
+            l.censor_into(h);
             if self.stacks > 0 {
                 l.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
             }
@@ -451,6 +460,32 @@ impl BlockProbes {
     }
 }
 
+/// Carrier sizes and lifetimes observed since the last call into the histograms, named by
+/// allocator (`carrier_size/ets_alloc`, `carrier_lifetime/ets_alloc`).
+fn carrier_histograms(
+    ledger: &mut CarrierLedger,
+    names: &OwnerNames,
+    h: &mut crate::recording::histograms::Histograms,
+) {
+    use crate::{carriers::CarrierObservation as O, recording::histograms::HistogramUnit as U};
+    let (seen, dropped) = ledger.take_observations();
+    for o in seen {
+        match o {
+            O::Size(owner, size) => h.record(
+                &format!("carrier_size/{}", names.name(owner)),
+                U::Bytes,
+                size,
+            ),
+            O::Lifetime(owner, us) => h.record(
+                &format!("carrier_lifetime/{}", names.name(owner)),
+                U::Us,
+                us,
+            ),
+        }
+    }
+    h.dropped = h.dropped.saturating_add(dropped);
+}
+
 /// Puts VM figures into the ledger samples they were asked for.
 fn fill_vm_figures(samples: &mut [crate::recording::Sample], figures: Vec<LedgerFigures>) {
     for f in figures {
@@ -604,8 +639,9 @@ async fn sample_loop(
                 // VM figures arrive from the worker when the node answers; the loop never waits.
                 vm.request(t_s, samples.len());
                 let mut s = s;
-                native.account(&tracer, &mut s);
+                native.account(&tracer, &mut s, &mut histograms);
                 blocks.account(&mut tracer, &mut s, &mut histograms);
+                carrier_histograms(&mut ledger, &learned.names, &mut histograms);
                 histograms.close_interval(t_s);
                 samples.push(s);
                 if native.mode == NativeMode::Auto
@@ -631,8 +667,16 @@ async fn sample_loop(
     tracer.drain(|ev| ledger.apply(&ev));
     let duration_s = start.elapsed().as_secs_f64();
 
-    let (native_evidence, native_unreadable) = native.finish(&tracer);
+    let (native_evidence, native_unreadable) = native.finish(&tracer, &mut histograms);
     let block_evidence = blocks.finish(&tracer, &mut histograms);
+    carrier_histograms(&mut ledger, &learned.names, &mut histograms);
+    for (owner, live) in ledger.live_seen_by() {
+        histograms.censored(
+            &format!("carrier_lifetime/{}", learned.names.name(owner)),
+            crate::recording::histograms::HistogramUnit::Us,
+            live,
+        );
+    }
     histograms.close_interval(duration_s);
     let mut losses = tracer.losses();
     losses.unreadable.extend(native_unreadable);

@@ -3,6 +3,8 @@
 
 #[path = "beam/blocks.rs"]
 mod blocks;
+#[path = "beam/containers.rs"]
+mod containers;
 #[path = "beam/faults.rs"]
 mod faults;
 #[path = "beam/outputs.rs"]

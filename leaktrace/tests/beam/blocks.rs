@@ -284,3 +284,70 @@ fn piled_up_timers_without_vm_are_vm_growth_of_timer_and_heap_fragment_types() {
         "the timers' messages live in heap fragments: {names:?}"
     );
 }
+
+#[test]
+fn native_sizes_and_lifetimes_become_histograms_per_module() {
+    if !privileged("native_sizes_and_lifetimes_become_histograms_per_module") {
+        return;
+    }
+    let _s = serial();
+    // 4 KiB blocks kept forever, one every 10 ms.
+    let node = Node::start("lt_native:leak_forever(leak_malloc, 4096, 10)");
+    thread::sleep(Duration::from_millis(500));
+    let pid = node.pid().to_string();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "5s",
+        "--interval",
+        "500ms",
+        "--native",
+        "on",
+        "--no-vm",
+        "--json",
+    ]);
+    let report = json(&out);
+    let hists: leaktrace::recording::histograms::Histograms =
+        serde_json::from_value(report["histograms"].clone()).expect("histograms parse back");
+    let module = report["native"]["modules"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["module"] == "lt_native.so"))
+        .cloned()
+        .unwrap_or_default();
+    let allocations = module["allocations"].as_u64().unwrap_or(0);
+    let sizes = hists
+        .series
+        .iter()
+        .find(|s| s.name == "native_size/lt_native.so")
+        .unwrap_or_else(|| {
+            panic!(
+                "no native_size/lt_native.so: {:?}; stderr {}",
+                hists.series.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                stderr(&out)
+            )
+        });
+    let mut count = 0;
+    let mut min = u64::MAX;
+    for i in &sizes.intervals {
+        let h = i.decode().expect("decodes");
+        count += h.len();
+        min = min.min(h.min());
+    }
+    eprintln!(
+        "native_size/lt_native.so: {count} values in {} intervals (min {min}); {allocations} allocations",
+        sizes.intervals.len()
+    );
+    // Every allocation the probes counted is in the histogram, in the 4096-byte bucket.
+    assert_eq!(count, allocations, "histogram count against allocations");
+    assert!(allocations > 100, "{module}");
+    assert_eq!(min, 4096);
+    let life = hists
+        .series
+        .iter()
+        .find(|s| s.name == "native_lifetime/lt_native.so")
+        .map(|s| s.censored)
+        .unwrap_or(0);
+    assert_eq!(life, allocations, "never freed: every lifetime is censored");
+}
