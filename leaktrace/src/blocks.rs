@@ -127,6 +127,9 @@ pub struct BlockLedger {
     series: Vec<(f64, BTreeMap<String, i64>)>,
     /// Functions probed.
     pub functions: Vec<String>,
+    /// Net bytes are multiplied by this (`--blocks sampled`: 1 / the share of time the
+    /// allocation windows were open; 1 otherwise).
+    scale: f64,
 }
 
 fn net(s: &BlockStats) -> i64 {
@@ -175,6 +178,7 @@ impl BlockLedger {
             closed: BTreeMap::new(),
             series: Vec::new(),
             functions,
+            scale: 1.0,
         }
     }
 
@@ -206,9 +210,20 @@ impl BlockLedger {
         out
     }
 
-    /// Net block bytes since attach, all types.
+    /// Sets the factor net bytes are scaled by (sampling; see [`BlockLedger::scale`]).
+    pub fn set_scale(&mut self, scale: f64) {
+        if scale.is_finite() && scale >= 1.0 {
+            self.scale = scale;
+        }
+    }
+
+    fn scaled(&self, v: i64) -> i64 {
+        (v as f64 * self.scale) as i64
+    }
+
+    /// Net block bytes since attach, all types (scaled when sampled).
     pub fn net_total(&self) -> i64 {
-        self.totals.values().map(net).sum()
+        self.scaled(self.totals.values().map(net).sum())
     }
 
     /// Records net bytes per allocator and per type at `t_s`.
@@ -216,7 +231,7 @@ impl BlockLedger {
         let mut point: BTreeMap<String, i64> = BTreeMap::new();
         for by_type in [false, true] {
             for (name, (_, s)) in self.groups(by_type) {
-                point.insert(name, net(&s));
+                point.insert(name, self.scaled(net(&s)));
             }
         }
         self.series.push((t_s, point));
@@ -277,7 +292,7 @@ impl BlockLedger {
                     allocator,
                     allocs: s.allocs,
                     frees: s.frees,
-                    net_bytes: net(&s),
+                    net_bytes: self.scaled(net(&s)),
                     unknown_frees: s.unknown_frees,
                     untracked: s.untracked,
                     median_size: median_of(&s.sizes),
@@ -376,6 +391,9 @@ pub fn summary_lines(rec: &crate::recording::Recording) -> Vec<String> {
             human_bytes((p1 - p0) as f64),
             human_bytes(v1.1 as f64 - v0.1 as f64)
         ));
+    }
+    if let Some(s) = &b.sampling {
+        out.push(format!("sampled: {s}"));
     }
     if let Some(t) = b.detached_at_s {
         out.push(format!(

@@ -412,6 +412,31 @@ mod tests {
     }
 
     #[test]
+    fn ledger_lines_show_the_cgroup_beside_rss_and_old_recordings_none() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/recordings/healthy.json");
+        let mut r = Recording::read(&path).expect("recording");
+        // A recording made before the cgroup lines existed reads, and shows none.
+        assert!(ledger_lines(&r).is_empty());
+        assert_eq!(render(&r, "\n  cgroup: ", str::to_owned), "");
+        r.target.cgroup = Some("cgroup v2 /kube/pod1 (/sys/fs/cgroup/kube/pod1)".into());
+        let n = r.samples.len() as u64;
+        for (i, s) in r.samples.iter_mut().enumerate() {
+            s.cgroup_memory = Some((100 + i as u64) << 20);
+            s.cgroup_anon = Some(60 << 20);
+            s.cgroup_file = Some(30 << 20);
+        }
+        let lines = ledger_lines(&r);
+        assert_eq!(lines.len(), 1);
+        let line = &lines[0];
+        assert!(line.starts_with("cgroup v2 /kube/pod1"), "{line}");
+        assert!(line.contains("memory 100.0 MiB → "), "{line}");
+        assert!(line.contains(&format!("{}.0 MiB", 100 + n - 1)), "{line}");
+        assert!(line.contains("anon 60.0 MiB, file 30.0 MiB"), "{line}");
+        assert!(line.contains("beside RSS"), "{line}");
+        assert_eq!(render(&r, "> ", str::to_owned), format!("> {line}"));
+    }
+
+    #[test]
     fn own_cgroup_reads_plausibly_when_there_is_one() {
         match locate(std::process::id()) {
             Ok(l) => {

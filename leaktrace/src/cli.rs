@@ -119,8 +119,10 @@ pub struct TraceArgs {
     /// Block probes on ERTS's own allocator (erts_alcu alloc/realloc/free): allocations,
     /// sizes and lifetimes per allocator and type, aggregated in the kernel. Works without a
     /// VM connection (`--no-vm`): usage and growth then come from the probes.
-    #[arg(long)]
-    pub blocks: bool,
+    /// `--blocks sampled` watches allocations in windows (1 s of every 10 s) and every free:
+    /// cheaper, growth scaled by the time the windows were open (the report says so).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "full", value_name = "MODE")]
+    pub blocks: Option<crate::config::BlockMode>,
     /// Most of one CPU, in percent, the block probes may cost (estimated each interval from
     /// their hit rate); past it they are detached and the report says when.
     #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]

@@ -28,8 +28,8 @@ pub struct TraceConfig {
     /// Frames of user stack the native probes capture per allocation call (`--stacks`; 0: none,
     /// at most [`MAX_STACK_FRAMES`]).
     pub stacks: u32,
-    /// Block probes on erts_alcu (`--blocks`).
-    pub blocks: bool,
+    /// Block probes on erts_alcu (`--blocks[=full|sampled]`; None: off).
+    pub blocks: Option<BlockMode>,
     /// Most of one CPU the block probes may cost (a fraction, `--max-overhead` percent / 100):
     /// past it they are detached and the report says when.
     pub max_overhead: f64,
@@ -37,6 +37,23 @@ pub struct TraceConfig {
 
 /// Most frames `--stacks` takes: as many as the kernel keeps per stack.
 pub const MAX_STACK_FRAMES: u32 = leaktrace_common::native_limits::STACK_DEPTH;
+
+/// How the block probes (`--blocks`) watch allocations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BlockMode {
+    /// Every block call, for the whole run.
+    #[default]
+    Full,
+    /// Allocations in windows ([`SAMPLE_WINDOW_S`] of every [`SAMPLE_PERIOD_S`]); frees always
+    /// (so every sampled block's end is seen, and growth is not biased by blocks freed outside
+    /// a window). Growth figures are scaled by the time the windows were open.
+    Sampled,
+}
+
+/// `--blocks sampled`: seconds an allocation window stays open...
+pub const SAMPLE_WINDOW_S: f64 = 1.0;
+/// ...every this many seconds.
+pub const SAMPLE_PERIOD_S: f64 = 10.0;
 
 /// When the native probes (the target's libc malloc family) attach.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

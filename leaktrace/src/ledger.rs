@@ -121,6 +121,25 @@ mod tests {
             },
         );
         assert_eq!(s.unexplained, Some(15 << 20));
+        assert_eq!(s.cgroup_memory, None, "no cgroup read: null, never 0");
+        let figures = crate::cgroup::Figures {
+            memory: Some(400 << 20),
+            anon: Some(260 << 20),
+            file: Some(120 << 20),
+        };
+        let s = sample(
+            1.0,
+            Rss {
+                cgroup: figures,
+                ..rss
+            },
+            200 << 20,
+            Accounted::default(),
+        );
+        assert_eq!(
+            (s.cgroup_memory, s.cgroup_anon, s.cgroup_file),
+            (figures.memory, figures.anon, figures.file)
+        );
         assert_eq!(s.native_outstanding, None, "unmeasured stays null, never 0");
         assert_eq!(s.vm_used, None);
     }

@@ -70,7 +70,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 vm: None,
                 native: Default::default(),
                 stacks: 0,
-                blocks: false,
+                blocks: None,
                 max_overhead: 0.0,
             };
             emit(Report::new(recording), &cfg)

@@ -312,6 +312,19 @@ pub struct Tracer {
     native_sites: PerCpuHashMap<MapData, u64, NativeSite>,
     probes: Vec<(ProbeSpec, Result<(), String>)>,
     placements: HashMap<(&'static str, &'static str), String>,
+    /// Probes placed by [`Tracer::attach_native`]: where, and their link while attached (for
+    /// [`Tracer::pause`] and [`Tracer::resume`]).
+    placed: Vec<Placed>,
+}
+
+/// A probe placed by `attach_native`, and its link while attached.
+struct Placed {
+    program: &'static str,
+    symbol: &'static str,
+    offset: u64,
+    binary: std::path::PathBuf,
+    pid: NonZeroU32,
+    link: Option<aya::programs::uprobe::UProbeLinkId>,
 }
 
 impl Tracer {
@@ -341,6 +354,7 @@ impl Tracer {
             native_sites,
             probes: Vec::new(),
             placements: HashMap::new(),
+            placed: Vec::new(),
         })
     }
 
@@ -465,7 +479,20 @@ impl Tracer {
                     }
                 }
             };
-            let outcome = self.attach_at(spec.program, spec.symbol, offset, libc, pid);
+            let outcome = match self.attach_at(spec.program, spec.symbol, offset, libc, pid) {
+                Ok(link) => {
+                    self.placed.push(Placed {
+                        program: spec.program,
+                        symbol: spec.symbol,
+                        offset,
+                        binary: libc.to_path_buf(),
+                        pid,
+                        link: Some(link),
+                    });
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
             self.probes.push((stat, outcome));
         }
         let any = self
@@ -489,7 +516,7 @@ impl Tracer {
         offset: u64,
         binary: &Path,
         pid: NonZeroU32,
-    ) -> Result<(), String> {
+    ) -> Result<aya::programs::uprobe::UProbeLinkId, String> {
         let program: &mut UProbe = self
             .ebpf
             .program_mut(program)
@@ -506,8 +533,63 @@ impl Tracer {
         };
         program
             .attach(location, binary, UProbeScope::OneProcess(pid))
-            .map(|_| ())
             .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Takes the probes of `programs` out of the target for a while (sampling windows): their
+    /// links are dropped on a thread of their own, since the kernel removes uprobes one grace
+    /// period (~100 ms) after another. [`Tracer::resume`] puts them back where they were.
+    pub fn pause(&mut self, programs: &[&str]) -> Detaching {
+        let mut links = Vec::new();
+        for p in self
+            .placed
+            .iter_mut()
+            .filter(|p| programs.contains(&p.program))
+        {
+            let Some(id) = p.link.take() else { continue };
+            if let Some(prog) = self.ebpf.program_mut(p.program)
+                && let Ok(u) = <&mut UProbe>::try_from(prog)
+                && let Ok(link) = u.take_link(id)
+            {
+                links.push(link);
+            }
+        }
+        Detaching(
+            std::thread::Builder::new()
+                .name("leaktrace-pause".into())
+                .spawn(move || drop(links))
+                .ok(),
+        )
+    }
+
+    /// Attaches again the probes of `programs` that [`Tracer::pause`] took out; returns how
+    /// many could not be (each is then left out until the next resume).
+    pub fn resume(&mut self, programs: &[&str]) -> usize {
+        let todo: Vec<(
+            usize,
+            &'static str,
+            &'static str,
+            u64,
+            std::path::PathBuf,
+            NonZeroU32,
+        )> = self
+            .placed
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.link.is_none() && programs.contains(&p.program))
+            .map(|(i, p)| (i, p.program, p.symbol, p.offset, p.binary.clone(), p.pid))
+            .collect();
+        let mut failed = 0;
+        for (i, program, symbol, offset, binary, pid) in todo {
+            match self.attach_at(program, symbol, offset, &binary, pid) {
+                Ok(link) => self.placed[i].link = Some(link),
+                Err(e) => {
+                    log::warn!("re-attaching {program} on {symbol}: {e}");
+                    failed += 1;
+                }
+            }
+        }
+        failed
     }
 
     /// The kernel's per-site native totals, summed over CPUs.

@@ -301,9 +301,25 @@ const BLOCK_PROGRAMS: [&str; 5] = [
     "block_free",
 ];
 
+/// Block probe programs on allocations: what `--blocks sampled` takes out between windows.
+const BLOCK_ALLOC_PROGRAMS: [&str; 4] = [
+    "block_alloc",
+    "block_alloc_ret",
+    "block_realloc",
+    "block_realloc_ret",
+];
+
 /// The block probes (`--blocks`) over a run.
 struct BlockProbes {
     wanted: bool,
+    /// `--blocks sampled`: allocation probes only in windows.
+    sampled: bool,
+    /// Whether the allocation probes are in (always, unless sampled).
+    window_open: bool,
+    /// Seconds the allocation window has been open since attach.
+    open_s: f64,
+    /// Allocation probes on their way out at the end of the last window.
+    pausing: Option<Detaching>,
     ledger: Option<crate::blocks::BlockLedger>,
     attached_at_s: Option<f64>,
     detached_at_s: Option<f64>,
@@ -319,11 +335,15 @@ struct BlockProbes {
 impl BlockProbes {
     fn new(cfg: &TraceConfig) -> BlockProbes {
         BlockProbes {
-            wanted: cfg.blocks,
+            wanted: cfg.blocks.is_some(),
+            sampled: cfg.blocks == Some(crate::config::BlockMode::Sampled),
+            window_open: true,
+            open_s: 0.0,
+            pausing: None,
             ledger: None,
             attached_at_s: None,
             detached_at_s: None,
-            reason: if cfg.blocks {
+            reason: if cfg.blocks.is_some() {
                 "--blocks: not attached yet".into()
             } else {
                 String::new()
@@ -400,6 +420,32 @@ impl BlockProbes {
             ledger.update(tracer.block_stats());
             ledger.histograms_into(h);
         }
+        if self.sampled
+            && self.detached_at_s.is_none()
+            && let Some(at) = self.attached_at_s
+        {
+            use crate::config::{SAMPLE_PERIOD_S, SAMPLE_WINDOW_S};
+            if self.window_open {
+                self.open_s += s.t_s - self.last.1;
+            }
+            let since = s.t_s - at;
+            if since > 0.0 && self.open_s > 0.0 {
+                ledger.set_scale(since / self.open_s);
+            }
+            let want_open = since % SAMPLE_PERIOD_S < SAMPLE_WINDOW_S;
+            if want_open != self.window_open {
+                if want_open {
+                    let failed = tracer.resume(&BLOCK_ALLOC_PROGRAMS);
+                    if failed > 0 {
+                        log::warn!("--blocks sampled: {failed} allocation probes not re-attached");
+                    }
+                } else {
+                    // The previous window's probes are long gone (windows are seconds apart).
+                    self.pausing = Some(tracer.pause(&BLOCK_ALLOC_PROGRAMS));
+                }
+                self.window_open = want_open;
+            }
+        }
         ledger.record_point(s.t_s);
         s.blocks_net = Some(ledger.net_total());
         if self.detached_at_s.is_some() {
@@ -452,7 +498,19 @@ impl BlockProbes {
             ledger.histograms_into(h);
         }
         ledger.censor_into(h);
+        let since = self.last.1 - self.attached_at_s.unwrap_or(0.0);
+        let sampling = self.sampled.then(|| {
+            format!(
+                "allocations watched in windows of {:.0} s every {:.0} s (open {:.1} s of {:.1} s), every free watched; net bytes and growth scaled by {:.1} (the windows' share of time): an estimate, biased when allocations follow the windows' rhythm; counts and histograms are the sampled ones",
+                crate::config::SAMPLE_WINDOW_S,
+                crate::config::SAMPLE_PERIOD_S,
+                self.open_s,
+                since,
+                if self.open_s > 0.0 { since / self.open_s } else { 1.0 }
+            )
+        });
         let mut e = ledger.evidence(self.attached_at_s, self.reason);
+        e.sampling = sampling;
         e.detached_at_s = self.detached_at_s;
         (e.live_full, e.types_full) = tracer.block_losses();
         e.overhead_cpu_share = self.overhead;

@@ -718,10 +718,13 @@ fn block_findings(
     let Some(b) = rec.blocks.as_ref() else { return };
     let rss_slope = trends.slope("rss_anon");
     let blocks_slope = trends.slope("blocks_net");
-    let frozen = b
+    let mut frozen = b
         .detached_at_s
         .map(|t| format!(" (block probes detached at {t:.0} s by --max-overhead)"))
         .unwrap_or_default();
+    if b.sampling.is_some() {
+        frozen.push_str(" (sampled: an estimate, see blocks.sampling)");
+    }
     if trends.grows("blocks_net") {
         let floor = th.min_growth_bytes_per_s;
         let mut culprits: Vec<Culprit> = b

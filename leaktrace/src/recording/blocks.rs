@@ -29,6 +29,10 @@ pub struct BlockEvidence {
     pub live_full: u64,
     /// Calls not counted at all: the per-type map was full.
     pub types_full: u64,
+    /// `--blocks sampled`: how allocations were sampled and by what net figures were scaled
+    /// (None: every call watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
     /// Estimated share of one CPU the block probes cost (hits/s x cost a hit), at the end or
     /// when detached.
     #[serde(default)]

@@ -351,3 +351,79 @@ fn native_sizes_and_lifetimes_become_histograms_per_module() {
         .unwrap_or(0);
     assert_eq!(life, allocations, "never freed: every lifetime is censored");
 }
+
+/// ets_alloc growth (bytes/s) the block probes give in a report.
+fn ets_growth(report: &Value) -> f64 {
+    report["blocks"]["allocators"]
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["name"] == "ets_alloc"))
+        .and_then(|g| g["growth_bytes_per_s"].as_f64())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn sampled_blocks_estimate_the_growth_full_blocks_measure() {
+    if !privileged("sampled_blocks_estimate_the_growth_full_blocks_measure") {
+        return;
+    }
+    let _s = serial();
+    let node = Node::start("lt_vm:grow_table(2000, 50)");
+    thread::sleep(Duration::from_millis(500));
+    let (_, full) = blocks_run(node.pid(), "6s");
+    let pid = node.pid().to_string();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "14s",
+        "--interval",
+        "500ms",
+        "--no-vm",
+        "--native",
+        "off",
+        "--blocks",
+        "sampled",
+        "--max-overhead",
+        "200",
+        "--json",
+    ]);
+    let sampled = json(&out);
+    let sampling = sampled["blocks"]["sampling"].as_str().unwrap_or("");
+    let (f, s) = (ets_growth(&full), ets_growth(&sampled));
+    let hits = |r: &Value| -> u64 {
+        r["probes"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter(|p| p["name"] == "block_alloc")
+                    .filter_map(|p| p["hits"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let (hf, hs) = (
+        hits(&full) as f64 / full["duration_s"].as_f64().unwrap_or(1.0),
+        hits(&sampled) as f64 / sampled["duration_s"].as_f64().unwrap_or(1.0),
+    );
+    eprintln!(
+        "ets_alloc growth: full {f:.0} B/s, sampled estimate {s:.0} B/s; allocation probe hits/s: full {hf:.0}, sampled {hs:.0}\nsampling: {sampling}\n{}",
+        evidence(&sampled)
+    );
+    assert!(sampling.contains("windows"), "{sampling}");
+    assert!(
+        s > 0.5 * f && s < 2.0 * f,
+        "the sampled estimate should be near the full figure"
+    );
+    // Allocations outside the windows are not probed.
+    assert!(
+        hs < 0.5 * hf,
+        "sampled mode should probe far fewer allocations"
+    );
+    assert_eq!(
+        sampled["verdict"]["kind"],
+        "vm_growth",
+        "{}",
+        evidence(&sampled)
+    );
+}
