@@ -81,7 +81,10 @@ pub fn find_libc(maps: &[Mapping]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The object's file name; a file replaced on disk since it was mapped (an upgrade) keeps its
+/// name, without the kernel's " (deleted)".
 fn file_name(path: &str) -> String {
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
     path.rsplit('/').next().unwrap_or(path).to_owned()
 }
 

@@ -396,6 +396,7 @@ pub fn to_markdown(report: &Report) -> String {
         let _ = writeln!(o, "\n## Cross-check\n\n{line}.");
     }
     native_markdown(&mut o, r);
+    blocks_markdown(&mut o, r);
     sizes_markdown(&mut o, r);
     let _ = writeln!(o, "\n## How measured\n");
     measured_markdown(&mut o, report);
@@ -571,6 +572,35 @@ fn native_markdown(o: &mut String, r: &Recording) {
             crate::bundle::flame::StackSource::None => "(none)",
         }
     );
+}
+
+/// The block probes (`--blocks`): per allocator and the top types, changes since attach.
+fn blocks_markdown(o: &mut String, r: &Recording) {
+    let Some(b) = &r.blocks else { return };
+    let _ = writeln!(o, "\n## ERTS blocks (--blocks)\n");
+    for line in crate::blocks::summary_lines(r) {
+        let _ = writeln!(o, "- {}", md(&line));
+    }
+    if b.attached_at_s.is_none() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\n| allocator / type | net since attach | growth | allocated | freed | frees of older blocks | median size |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for g in b.allocators.iter().chain(b.types.iter().take(15)) {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {}/s | {} | {} | {} | {} |",
+            md(&g.name),
+            human_bytes(g.net_bytes as f64),
+            human_bytes(g.growth_bytes_per_s),
+            g.allocs,
+            g.frees,
+            g.unknown_frees,
+            human_bytes(g.median_size as f64)
+        );
+    }
 }
 
 /// The histogram series, one row each.

@@ -22,9 +22,8 @@ use crate::{
     launch::{self, HeldChild},
     ledger::{self, Accounted, Rss},
     lock::TargetLock,
-    privilege,
+    live, privilege,
     probes::{CARRIER_PROBES, Detaching, NATIVE_PROBES, NIF_API_PROBES, Tracer, required_symbols},
-    progress,
     recording::{EndReason, Recording, SCHEMA, Sources, Target},
     symbols::SymbolTable,
     target,
@@ -77,7 +76,16 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                     node: proc.node,
                     cgroup: crate::cgroup::locate(*pid).ok().map(|l| l.describe()),
                 },
-                exe_for_maps: proc.exe,
+                // A beam.smp replaced on disk since the node started (an upgrade) is still the
+                // running image: probes and tables go through /proc/PID/exe; its mappings name
+                // the old path with " (deleted)", which ImageView leaves out.
+                exe_for_maps: PathBuf::from(
+                    proc.exe
+                        .to_string_lossy()
+                        .strip_suffix(" (deleted)")
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| proc.exe.to_string_lossy().into_owned()),
+                ),
                 symbols,
                 child: None,
             };
@@ -487,6 +495,10 @@ impl BlockProbes {
         if !self.wanted {
             return None;
         }
+        // The last window's allocation probes are out before the final totals are read.
+        if let Some(p) = self.pausing.take() {
+            p.wait();
+        }
         let Some(ledger) = self.ledger.as_mut() else {
             return Some(crate::recording::blocks::BlockEvidence {
                 reason: self.reason,
@@ -661,7 +673,10 @@ async fn sample_loop(
     if cfg.native == NativeMode::On {
         native.attach(&traced, &mut tracer, 0.0, "--native on".into());
     }
+    // The live view (crate::live) on a terminal, from the first sample on; nothing per sample
+    // when stderr is not a terminal.
     let progress = cfg.progress && std::io::stderr().is_terminal();
+    let mut live_screen: Option<live::Screen> = None;
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::Load(e.to_string()))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::Load(e.to_string()))?;
@@ -710,8 +725,26 @@ async fn sample_loop(
                 }
                 fill_vm_figures(&mut samples, vm.take_figures());
                 if progress {
-                    let line = progress::line(samples.last().expect("pushed"), rss0.rss, ledger.events());
-                    eprint!("\r\x1b[2K{line}");
+                    let screen = live_screen.get_or_insert_with(live::Screen::enter);
+                    let hits = tracer.total_hits();
+                    let hits_per_s = screen.hits_per_s(t_s, hits);
+                    let modules = native.ledger.as_ref().map(|l| l.modules()).unwrap_or_default();
+                    screen.draw(&live::LiveState {
+                        pid: traced.pid,
+                        node: traced.target.node.as_deref(),
+                        elapsed_s: t_s,
+                        duration_s: cfg.duration.as_secs_f64(),
+                        interval_s: cfg.interval.as_secs_f64(),
+                        samples: &samples,
+                        thresholds: &cfg.thresholds,
+                        native_attached_at_s: native.attached_at_s,
+                        native_reason: &native.reason,
+                        native_modules: &modules,
+                        hits_per_s,
+                        hits,
+                        events: ledger.events(),
+                        losses: &tracer.losses(),
+                    });
                 }
             }
             _ = sleep_until(deadline) => break EndReason::Duration,
@@ -719,8 +752,9 @@ async fn sample_loop(
             _ = sigterm.recv() => break EndReason::Interrupted,
         }
     };
-    if progress {
-        eprintln!();
+    // Back on the normal screen before the closing census and the verdict.
+    if let Some(screen) = live_screen.take() {
+        screen.leave(start.elapsed().as_secs_f64());
     }
     tracer.drain(|ev| ledger.apply(&ev));
     let duration_s = start.elapsed().as_secs_f64();
@@ -786,6 +820,13 @@ async fn sample_loop(
     }
     if let Some(b) = &block_evidence {
         source_notes.push(b.reason.clone());
+    }
+    if traced.target.exe.ends_with(" (deleted)") {
+        source_notes.push(format!(
+            "{} was replaced on disk since the node started (an upgrade): probes, symbols and tables were read from the running image through /proc/{}/exe",
+            traced.target.exe.trim_end_matches(" (deleted)"),
+            traced.pid
+        ));
     }
     if !learned.names_read {
         source_notes.push(

@@ -7,6 +7,8 @@ mod blocks;
 mod containers;
 #[path = "beam/faults.rs"]
 mod faults;
+#[path = "beam/live.rs"]
+mod live;
 #[path = "beam/outputs.rs"]
 mod outputs;
 #[path = "beam/stacks.rs"]

@@ -3,10 +3,12 @@
 //! Then the VM view's own cost: one-shot censuses and a traced run against a node holding many
 //! idle processes, measured as the node's CPU time above its idle rate.
 //! `--native` measures the native (libc) probes instead, against a memleak-style bpftrace script.
+//! `--soak` holds a paced carrier and NIF API churn under `leaktrace attach` for minutes and
+//! checks what a long run costs: rate held, losses, tracer memory, time to the report.
 use std::{
     fs,
     io::Read,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -42,6 +44,16 @@ pub struct BenchArgs {
     /// Native workload: bytes per malloc.
     #[arg(long, default_value_t = 24_576)]
     native_bytes: u32,
+    /// Run the soak instead (only this section runs): a node churning carriers and NIF API
+    /// allocations at `--soak-rate` probe events/s under `leaktrace attach --native on`.
+    #[arg(long)]
+    soak: bool,
+    /// Soak: minutes traced.
+    #[arg(long, default_value_t = 10)]
+    soak_minutes: u32,
+    /// Soak: carrier plus NIF API probe events a second the workload drives, half each.
+    #[arg(long, default_value_t = 100_000)]
+    soak_rate: u32,
 }
 
 /// One traced run's figures from its report.
@@ -57,12 +69,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let leaktrace = setup::build_release()?;
+    if args.native && args.soak {
+        bail!("--native and --soak are separate benches: run one at a time");
+    }
+    let leaktrace = release_binary()?;
     let dir = fixtures::build()?;
     if args.native {
         return native(args, &leaktrace, &dir);
     }
-    let scratch = shell::workspace_root().join("target/leaktrace-bench");
+    if args.soak {
+        return soak(args, &leaktrace, &dir);
+    }
+    let scratch = fixtures::target_dir().join("leaktrace-bench");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     shell::step(&format!(
         "bench: workload of {} churn rounds, {} measured pairs after one warm-up pair",
@@ -118,6 +136,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         cost.print();
     }
     Ok(())
+}
+
+/// Builds the release binary and returns it from the target directory that build used
+/// (`CARGO_TARGET_DIR` honoured: `setup::build_release` names `target/release` whatever it is).
+fn release_binary() -> anyhow::Result<PathBuf> {
+    setup::build_release()?;
+    let bin = fixtures::target_dir().join("release/leaktrace");
+    if !bin.is_file() {
+        bail!(
+            "the release build left no {}: is CARGO_TARGET_DIR the same as for the build? \
+             (`cargo build --release -p leaktrace`)",
+            bin.display()
+        );
+    }
+    eprintln!("    measuring {}", bin.display());
+    Ok(bin)
 }
 
 /// Node name of the VM view cost section.
@@ -661,7 +695,7 @@ fn native(args: &BenchArgs, leaktrace: &Path, dir: &Path) -> anyhow::Result<()> 
     // Round 0 starts and halts the node without calls: it warms up, and its hits (node startup
     // and halt, which the timed workload does not include) are subtracted from the others.
     let idle = Churn { calls: 0, ..churn };
-    let scratch = shell::workspace_root().join("target/leaktrace-bench/native");
+    let scratch = fixtures::target_dir().join("leaktrace-bench/native");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     if scratch.to_string_lossy().contains(char::is_whitespace) {
         // `bpftrace -c` splits its command line at spaces.
@@ -1009,4 +1043,643 @@ fn churn_under_memleak(
         allocations,
         frees,
     })
+}
+
+// `--soak`: a paced carrier and NIF API churn traced for minutes. What a long run costs: the
+// rate held, what was lost, whether the tracer's memory stays flat, how soon the report is out.
+
+/// Largest share of probe events a soak may lose (ring buffer, pending map, native outstanding
+/// and site maps, probe errors) at or below its rate.
+const SOAK_MAX_LOSS: f64 = 1e-3;
+/// Share of `--soak-rate` the carrier plus NIF API probe hits must reach: below it the run says
+/// nothing about that rate.
+const SOAK_MIN_RATE: f64 = 0.9;
+/// Tracer memory is bounded when its RSS peak over the second half of the trace is at most its
+/// peak over the first half plus SOAK_RSS_MARGIN_MIB, plus SOAK_RSS_RECORDING_KIB for each
+/// second of the second half: the recording keeps every interval's sample, VM figures and
+/// native series by design (about 5 KB a second in report.json at a 1 s interval). A per-event
+/// leak of even one byte shows at 10^5 events/s as 6 MB a minute.
+const SOAK_RSS_MARGIN_MIB: f64 = 8.0;
+const SOAK_RSS_RECORDING_KIB: f64 = 8.0;
+/// Most seconds from SIGTERM to report.json written.
+const SOAK_REPORT_LIMIT_S: f64 = 10.0;
+/// Probe hits a workload pair makes: entry, return and release (mseg alloc, its return and
+/// dealloc; enif_alloc, its return and enif_free).
+const HITS_PER_PAIR: u32 = 3;
+/// How often the tracer's memory and both processes' CPU time are read.
+const SOAK_POLL: Duration = Duration::from_secs(1);
+/// How often the bench looks whether the tracer has exited (the resolution of the end timing).
+const SOAK_TICK: Duration = Duration::from_millis(20);
+/// How long leaktrace may take to end after SIGTERM before the bench kills it and fails.
+const SOAK_END_LIMIT: Duration = Duration::from_secs(120);
+/// Name prefixes of the carrier probe programs (`CARRIER_PROBES` in leaktrace/src/probes.rs);
+/// NIF API programs start with `nif_`, libc ones with `native_`.
+const CARRIER_PROGRAMS: &[&str] = &[
+    "mseg_",
+    "mmap",
+    "munmap",
+    "mremap",
+    "sys_aligned_",
+    "literal_",
+];
+
+/// One reading of the soak, `t_s` seconds after the tracer was started.
+struct SoakPoll {
+    t_s: f64,
+    /// The tracer's VmRSS and VmHWM (bytes).
+    rss: u64,
+    hwm: u64,
+    /// CPU seconds used so far by the tracer and by the node.
+    tracer_cpu: f64,
+    node_cpu: f64,
+    /// Taken after the SIGTERM: the report is being written.
+    closing: bool,
+}
+
+/// The workload's own count (`lt_soak` status file): totals since it started.
+#[derive(Clone, Copy, Default)]
+struct WorkloadCount {
+    t_s: f64,
+    carrier_pairs: u64,
+    nif_pairs: u64,
+    /// Carrier pairs the workload could not make in time and made up with NIF API pairs.
+    handed: u64,
+    /// The VM's own count of erts_mseg_alloc_opt calls (all threads).
+    vm_mseg_allocs: u64,
+}
+
+impl WorkloadCount {
+    fn read(file: &Path) -> Option<WorkloadCount> {
+        let text = fs::read_to_string(file).ok()?;
+        let mut f = text.split_whitespace();
+        Some(WorkloadCount {
+            t_s: f.next()?.parse().ok()?,
+            carrier_pairs: f.next()?.parse().ok()?,
+            nif_pairs: f.next()?.parse().ok()?,
+            handed: f.next()?.parse().ok()?,
+            vm_mseg_allocs: f.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// Probe hits of a report by family. A program listed for several symbols shares one counter,
+/// so each program counts once, with the largest figure listed for it.
+#[derive(Default)]
+struct Hits {
+    /// Of which `mseg_alloc` (entries of erts_mseg_alloc_opt), to set beside the VM's count.
+    mseg_alloc: u64,
+    carrier: u64,
+    nif_api: u64,
+    libc: u64,
+    other: u64,
+}
+
+impl Hits {
+    fn of(report: &serde_json::Value) -> Hits {
+        let mut by_program = std::collections::BTreeMap::<&str, u64>::new();
+        for probe in report["probes"].as_array().into_iter().flatten() {
+            if let Some(name) = probe["name"].as_str() {
+                let hits = probe["hits"].as_u64().unwrap_or(0);
+                let max = by_program.entry(name).or_default();
+                *max = (*max).max(hits);
+            }
+        }
+        let mut h = Hits {
+            mseg_alloc: by_program.get("mseg_alloc").copied().unwrap_or(0),
+            ..Hits::default()
+        };
+        for (name, hits) in by_program {
+            let family = if name.starts_with("nif_") {
+                &mut h.nif_api
+            } else if name.starts_with("native_") {
+                &mut h.libc
+            } else if CARRIER_PROGRAMS.iter().any(|p| name.starts_with(p)) {
+                &mut h.carrier
+            } else {
+                &mut h.other
+            };
+            *family += hits;
+        }
+        h
+    }
+
+    fn total(&self) -> u64 {
+        self.carrier + self.nif_api + self.libc + self.other
+    }
+}
+
+/// Whether the tracer's memory stayed flat: RSS peaks over the two halves of the trace (polls
+/// before the SIGTERM), the allowed margin, and the least-squares slope over the second half.
+struct Boundedness {
+    first_peak: u64,
+    second_peak: u64,
+    margin: u64,
+    slope_bytes_per_min: f64,
+}
+
+impl Boundedness {
+    fn of(polls: &[SoakPoll], traced_s: f64) -> Option<Boundedness> {
+        let half = traced_s / 2.0;
+        let tracing = polls.iter().filter(|p| !p.closing);
+        let first_peak = tracing
+            .clone()
+            .filter(|p| p.t_s < half)
+            .map(|p| p.rss)
+            .max()?;
+        let second: Vec<&SoakPoll> = tracing.filter(|p| p.t_s >= half).collect();
+        let second_peak = second.iter().map(|p| p.rss).max()?;
+        let margin = (SOAK_RSS_MARGIN_MIB * 1024.0 * 1024.0
+            + SOAK_RSS_RECORDING_KIB * 1024.0 * (traced_s - half)) as u64;
+        let n = second.len() as f64;
+        let (mt, mr) = (
+            second.iter().map(|p| p.t_s).sum::<f64>() / n,
+            second.iter().map(|p| p.rss as f64).sum::<f64>() / n,
+        );
+        let (num, den) = second.iter().fold((0.0, 0.0), |(num, den), p| {
+            (
+                num + (p.t_s - mt) * (p.rss as f64 - mr),
+                den + (p.t_s - mt).powi(2),
+            )
+        });
+        Some(Boundedness {
+            first_peak,
+            second_peak,
+            margin,
+            slope_bytes_per_min: if den > 0.0 { num / den * 60.0 } else { 0.0 },
+        })
+    }
+
+    fn bounded(&self) -> bool {
+        self.second_peak <= self.first_peak + self.margin
+    }
+}
+
+/// The tracer, killed if the bench gives up on it, so no leaktrace outlives the bench.
+struct TracerProcess(std::process::Child);
+
+impl Drop for TracerProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// CPU seconds so far of each normal scheduler thread of `pid` (threads named `N_scheduler`),
+/// by N: whether the churn keeps every scheduler busy, not one.
+fn scheduler_cpu(pid: u32) -> std::collections::BTreeMap<u32, f64> {
+    let mut by_scheduler = std::collections::BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_scheduler;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if let Some(n) = comm
+            .trim()
+            .strip_suffix("_scheduler")
+            .and_then(|n| n.parse::<u32>().ok())
+            && let Ok(cpu) = cpu_s(tid)
+        {
+            by_scheduler.insert(n, cpu);
+        }
+    }
+    by_scheduler
+}
+
+/// A field of /proc/PID/status in kB (`VmRSS`, `VmHWM`), in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the soak and prints its figures; fails when a target is not met.
+fn soak(args: &BenchArgs, leaktrace: &Path, dir: &Path) -> anyhow::Result<()> {
+    if args.soak_minutes == 0 {
+        bail!("--soak-minutes must be at least 1");
+    }
+    // Half the rate each for carrier and NIF API pairs of 3 hits.
+    let pairs = args.soak_rate / 2 / HITS_PER_PAIR;
+    if pairs == 0 {
+        bail!(
+            "--soak-rate must be at least {} (two kinds of {HITS_PER_PAIR}-hit pairs)",
+            2 * HITS_PER_PAIR
+        );
+    }
+    let traced = Duration::from_secs(60 * u64::from(args.soak_minutes));
+    let scratch = fixtures::target_dir().join("leaktrace-bench/soak");
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let report_dir = scratch.join("report");
+    let status_file = scratch.join("workload.status");
+    for stale in [&report_dir, &status_file] {
+        let _ = fs::remove_dir_all(stale);
+        let _ = fs::remove_file(stale);
+    }
+    // A name of its own: other nodes of this machine (tests, other benches) keep theirs.
+    let name = format!("lt_soak_{}", std::process::id());
+    shell::step(&format!(
+        "bench --soak: node {name} churning {pairs} carrier pairs/s (process heaps and binaries \
+         above the single-block carrier threshold) and {pairs} enif_alloc/enif_free pairs/s, \
+         traced {} min",
+        args.soak_minutes
+    ));
+    let node = fixtures::Node::start(fixtures::erl(
+        dir,
+        &["-sname", &name],
+        &format!(
+            "lt_soak:run({pairs}, {pairs}, \"{}\").",
+            status_file.display()
+        ),
+    ))
+    .context("starting the soak node")?;
+    let pid = node.pid();
+    wait_registered(&name)?;
+    // The trace starts on a churn already running: two status lines (2 s) first.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while WorkloadCount::read(&status_file).is_none_or(|c| c.t_s < 2.0) {
+        if Instant::now() > deadline {
+            bail!(
+                "the soak workload wrote no status to {} within 30 s: does `lt_soak:run/3` \
+                 run? (start it by hand: erl -pa {} -eval 'lt_soak:run(10, 10, \"/tmp/s\")')",
+                status_file.display(),
+                dir.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut cmd = Command::new(leaktrace);
+    cmd.args([
+        "attach",
+        "--pid",
+        &pid.to_string(),
+        "--native",
+        "on",
+        // A guard only: the bench ends the run with SIGTERM after --soak-minutes.
+        "--duration",
+        &format!("{}m", args.soak_minutes + 5),
+        "--interval",
+        "1s",
+        "--out",
+    ])
+    .arg(&report_dir)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    eprintln!("    $ {}", shell::show(&cmd));
+    let node_cpu0 = cpu_s(pid)?;
+    let schedulers0 = scheduler_cpu(pid);
+    let count0 = WorkloadCount::read(&status_file).unwrap_or_default();
+    let t0 = Instant::now();
+    let mut tracer = TracerProcess(
+        cmd.spawn()
+            .with_context(|| format!("running `{}`", shell::show(&cmd)))?,
+    );
+    let tracer_pid = tracer.0.id();
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(tracer.0.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(tracer.0.stderr.take().map(|p| Box::new(p) as _));
+
+    let mut polls: Vec<SoakPoll> = Vec::new();
+    // (when, wall clock, the workload's count) at the SIGTERM.
+    let mut term: Option<(Instant, std::time::SystemTime, WorkloadCount)> = None;
+    let mut next_poll = t0;
+    let mut next_progress = t0 + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = tracer.0.try_wait().context("waiting for the tracer")? {
+            break status;
+        }
+        let now = Instant::now();
+        if term.is_none() && now - t0 >= traced {
+            let count = WorkloadCount::read(&status_file).unwrap_or_default();
+            shell::run(Command::new("kill").args(["-TERM", &tracer_pid.to_string()]))?;
+            term = Some((now, std::time::SystemTime::now(), count));
+        }
+        if let Some((at, ..)) = term
+            && now - at > SOAK_END_LIMIT
+        {
+            bail!(
+                "`{}` had not exited {} s after SIGTERM: killed it (report {})",
+                shell::show(&cmd),
+                SOAK_END_LIMIT.as_secs(),
+                report_dir.display()
+            );
+        }
+        if now >= next_poll {
+            next_poll += SOAK_POLL;
+            // The tracer may exit between try_wait and these reads: a missing reading is skipped.
+            let rss = proc_status_bytes(tracer_pid, "VmRSS");
+            let hwm = proc_status_bytes(tracer_pid, "VmHWM");
+            let tracer_cpu = cpu_s(tracer_pid).ok();
+            if let (Some(rss), Some(hwm), Some(tracer_cpu)) = (rss, hwm, tracer_cpu) {
+                polls.push(SoakPoll {
+                    t_s: (now - t0).as_secs_f64(),
+                    rss,
+                    hwm,
+                    tracer_cpu,
+                    node_cpu: cpu_s(pid)?,
+                    closing: term.is_some(),
+                });
+            }
+        }
+        if now >= next_progress
+            && let Some(p) = polls.last()
+        {
+            next_progress += Duration::from_secs(60);
+            let count = WorkloadCount::read(&status_file).unwrap_or_default();
+            let span = (count.t_s - count0.t_s).max(1e-9);
+            eprintln!(
+                "    {:4.0} s: tracer RSS {} (VmHWM {}), CPU {:.1}% of one core; node CPU {:.1}%; \
+                 workload {:.0} carrier + {:.0} NIF API pairs/s",
+                p.t_s,
+                mib(p.rss),
+                mib(p.hwm),
+                p.tracer_cpu / p.t_s * 100.0,
+                (p.node_cpu - node_cpu0) / p.t_s * 100.0,
+                (count.carrier_pairs - count0.carrier_pairs) as f64 / span,
+                (count.nif_pairs - count0.nif_pairs) as f64 / span,
+            );
+        }
+        thread::sleep(SOAK_TICK);
+    };
+    let exited = Instant::now();
+    let _ = stdout.join();
+    let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    let Some((term_at, term_wall, count1)) = term else {
+        bail!(
+            "`{}` ended after {:.1} s, before the soak's {} min ({status}): {}",
+            shell::show(&cmd),
+            (exited - t0).as_secs_f64(),
+            args.soak_minutes,
+            stderr.trim()
+        );
+    };
+    // Verdicts exit 0, 1 or 3; 2 is an error.
+    if status.code() == Some(2) || status.code().is_none() {
+        bail!(
+            "`{}` failed ({status}): {}",
+            shell::show(&cmd),
+            stderr.trim()
+        );
+    }
+    let node_cpu1 = cpu_s(pid)?;
+    let schedulers1 = scheduler_cpu(pid);
+    drop(node);
+
+    let report_path = report_dir.join("report.json");
+    if !report_path.is_file() {
+        bail!(
+            "`{}` wrote no {}: {}",
+            shell::show(&cmd),
+            report_path.display(),
+            stderr.trim()
+        );
+    }
+    // The bundle is written when its last file is: the newest modification time in it.
+    let written = fs::read_dir(&report_dir)
+        .with_context(|| format!("listing {}", report_dir.display()))?
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
+        .with_context(|| {
+            format!(
+                "no file of {} has a modification time",
+                report_dir.display()
+            )
+        })?;
+    let text = fs::read_to_string(&report_path)
+        .with_context(|| format!("reading {}", report_path.display()))?;
+    let report: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", report_path.display()))?;
+    let duration_s = report["duration_s"].as_f64().unwrap_or(0.0);
+    if duration_s <= 0.0 {
+        bail!("{} gives no duration_s", report_path.display());
+    }
+    let hits = Hits::of(&report);
+    let losses = &report["losses"];
+    let native = &report["native"];
+    let lost_named = [
+        ("events_lost", losses["events_lost"].as_u64()),
+        ("map_full", losses["map_full"].as_u64()),
+        ("probe_errors", losses["probe_errors"].as_u64()),
+        (
+            "native outstanding_full",
+            native["outstanding_full"].as_u64(),
+        ),
+        ("native sites_full", native["sites_full"].as_u64()),
+    ];
+    let lost: u64 = lost_named.iter().filter_map(|(_, n)| *n).sum();
+    let unreadable: Vec<&str> = losses["unreadable"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let loss_share = lost as f64 / hits.total().max(1) as f64;
+    let rate = (hits.carrier + hits.nif_api) as f64 / duration_s;
+    let lt_native = native["modules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["module"].as_str() == Some("lt_native.so"))
+        .fold((0, 0, 0), |(a, f, b), m| {
+            (
+                a + m["allocations"].as_u64().unwrap_or(0),
+                f + m["frees"].as_u64().unwrap_or(0),
+                b + m["outstanding_bytes"].as_i64().unwrap_or(0),
+            )
+        });
+    let span = (count1.t_s - count0.t_s).max(1e-9);
+    let bounded = Boundedness::of(&polls, (term_at - t0).as_secs_f64());
+    let tracing: Vec<&SoakPoll> = polls.iter().filter(|p| !p.closing).collect();
+    let at_10s = tracing.iter().find(|p| p.t_s >= 10.0).or(tracing.first());
+    let last = tracing.last();
+    let hwm = polls.iter().map(|p| p.hwm).max().unwrap_or(0);
+    let tracer_cpu = last.map_or(0.0, |p| p.tracer_cpu);
+    let to_report = written
+        .duration_since(term_wall)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let to_exit = (exited - term_at).as_secs_f64();
+    let verdict = report["verdict"]["kind"].as_str().unwrap_or("?");
+    let verdict_summary = report["verdict"]["summary"].as_str().unwrap_or("");
+    let degraded: Vec<&str> = report["verdict"]["degraded"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+
+    println!(
+        "leaktrace bench --soak ({} min asked at {} carrier + NIF API events/s, half each; \
+         `leaktrace attach --native on --interval 1s`, ended by SIGTERM)",
+        args.soak_minutes, args.soak_rate
+    );
+    println!(
+        "  traced           {duration_s:.1} s ({:.1} s from start to SIGTERM; end: {})",
+        (term_at - t0).as_secs_f64(),
+        report["end"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  workload         {:.0} carrier pairs/s ({} handed to NIF calls), {:.0} NIF API \
+         pairs/s; node CPU {:.1}% of one core ({} cores; schedulers {})",
+        (count1.carrier_pairs - count0.carrier_pairs) as f64 / span,
+        count1.handed - count0.handed,
+        (count1.nif_pairs - count0.nif_pairs) as f64 / span,
+        (node_cpu1 - node_cpu0) / (exited - t0).as_secs_f64() * 100.0,
+        std::thread::available_parallelism().map_or(0, usize::from),
+        schedulers1
+            .iter()
+            .map(|(n, cpu)| format!(
+                "{n}: {:.1}%",
+                (cpu - schedulers0.get(n).copied().unwrap_or(0.0)) / (exited - t0).as_secs_f64()
+                    * 100.0
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  cross-check      erts_mseg_alloc_opt calls/s: the VM counted {:.0}, the probes {:.0}",
+        (count1.vm_mseg_allocs - count0.vm_mseg_allocs) as f64 / span,
+        hits.mseg_alloc as f64 / duration_s
+    );
+    println!(
+        "  events/s         carrier {:.0} + NIF API {:.0} = {rate:.0} (target >= {:.0}: {}); \
+         besides: libc {:.0}, other {:.0}",
+        hits.carrier as f64 / duration_s,
+        hits.nif_api as f64 / duration_s,
+        SOAK_MIN_RATE * f64::from(args.soak_rate),
+        met(rate >= SOAK_MIN_RATE * f64::from(args.soak_rate)),
+        hits.libc as f64 / duration_s,
+        hits.other as f64 / duration_s,
+    );
+    println!(
+        "  losses           {} = {lost} of {:.1} M events, {:.4}% (limit {:.1}%: {}){}",
+        lost_named
+            .iter()
+            .map(|(n, v)| format!("{n} {}", v.map_or("—".to_owned(), |v| v.to_string())))
+            .collect::<Vec<_>>()
+            .join(", "),
+        hits.total() as f64 / 1e6,
+        loss_share * 100.0,
+        SOAK_MAX_LOSS * 100.0,
+        met(loss_share <= SOAK_MAX_LOSS && unreadable.is_empty()),
+        if unreadable.is_empty() {
+            String::new()
+        } else {
+            format!("; unreadable: {}", unreadable.join(", "))
+        }
+    );
+    println!(
+        "  not losses       missed_entries {} (returns whose entry came before attach), \
+         stale_calls {}, unknown_frees {} carrier + {} native (freed, allocated before attach)",
+        losses["missed_entries"],
+        native["stale_calls"],
+        losses["unknown_frees"],
+        native["unknown_frees"]
+    );
+    println!(
+        "  attribution      lt_native.so: {} allocations, {} frees, {} bytes outstanding at \
+         the end (the workload made {:.0} NIF API pairs while traced)",
+        lt_native.0,
+        lt_native.1,
+        lt_native.2,
+        (count1.nif_pairs - count0.nif_pairs) as f64 * duration_s / span
+    );
+    println!(
+        "  tracer memory    RSS {} at 10 s, {} at SIGTERM; peak VmHWM {} (report: peak_rss {})",
+        at_10s.map_or("—".to_owned(), |p| mib(p.rss)),
+        last.map_or("—".to_owned(), |p| mib(p.rss)),
+        mib(hwm),
+        mib(report["tracer"]["peak_rss"].as_u64().unwrap_or(0))
+    );
+    match &bounded {
+        Some(b) => println!(
+            "  bounded          RSS peak first half {}, second half {} (allowed {} more), \
+             second-half slope {:+.1} KiB/min: {}",
+            mib(b.first_peak),
+            mib(b.second_peak),
+            mib(b.margin),
+            b.slope_bytes_per_min / 1024.0,
+            met(b.bounded())
+        ),
+        None => println!("  bounded          not measured (too few readings): NOT met"),
+    }
+    println!(
+        "  tracer CPU       {:.1}% of one core, {:.2} µs per event ({} events through the ring \
+         buffer)",
+        tracer_cpu / duration_s * 100.0,
+        tracer_cpu * 1e6 / hits.total().max(1) as f64,
+        report["tracer"]["events"]
+    );
+    println!(
+        "  end of run       SIGTERM -> report bundle written {to_report:.2} s (limit \
+         {SOAK_REPORT_LIMIT_S:.0} s: {}), -> exit {to_exit:.2} s",
+        met(to_report <= SOAK_REPORT_LIMIT_S)
+    );
+    println!(
+        "  verdict          {verdict} (balanced churn, expected healthy: {}): {verdict_summary}",
+        met(verdict == "healthy")
+    );
+    for reason in &degraded {
+        println!("  degraded         {reason}");
+    }
+
+    let mut failed = Vec::new();
+    if rate < SOAK_MIN_RATE * f64::from(args.soak_rate) {
+        failed.push(format!(
+            "the rate was not held ({rate:.0} events/s): is the machine overloaded? \
+             try a lower --soak-rate"
+        ));
+    }
+    if loss_share > SOAK_MAX_LOSS || !unreadable.is_empty() {
+        failed.push(format!(
+            "{:.4}% of events lost (limit {:.1}%){}",
+            loss_share * 100.0,
+            SOAK_MAX_LOSS * 100.0,
+            if unreadable.is_empty() {
+                String::new()
+            } else {
+                format!(", counters unreadable: {}", unreadable.join(", "))
+            }
+        ));
+    }
+    if !bounded.as_ref().is_some_and(Boundedness::bounded) {
+        failed.push("tracer memory grew in the second half".into());
+    }
+    if to_report > SOAK_REPORT_LIMIT_S {
+        failed.push(format!("the report took {to_report:.1} s after SIGTERM"));
+    }
+    if verdict != "healthy" {
+        failed.push(format!("the verdict was {verdict}, not healthy"));
+    }
+    if !failed.is_empty() {
+        bail!(
+            "soak targets not met: {} (report {})",
+            failed.join("; "),
+            report_dir.display()
+        );
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The demo and bench workloads: the test NIF and Erlang modules of `leaktrace/tests/fixtures`,
-//! compiled into `target/leaktrace-fixtures`, and nodes started from them.
+//! compiled into `leaktrace-fixtures` of the cargo target directory, and nodes started from them.
 use std::{
     fs,
     path::PathBuf,
@@ -17,7 +17,7 @@ use crate::shell::{self, step};
 pub fn build() -> anyhow::Result<PathBuf> {
     let root = shell::workspace_root();
     let src = root.join("leaktrace/tests/fixtures");
-    let out = root.join("target/leaktrace-fixtures");
+    let out = target_dir().join("leaktrace-fixtures");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     step(&format!(
         "compiling the workload NIF and modules into {}",
@@ -77,11 +77,23 @@ pub fn build() -> anyhow::Result<PathBuf> {
         "lt_bench",
         "lt_prod",
         "lt_churn",
+        "lt_soak",
     ] {
         erlc.arg(src.join(format!("{module}.erl")));
     }
     shell::run(&mut erlc)?;
     Ok(out)
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root, as
+/// cargo reads it), else `target`. Builds, fixtures and bench scratch files all go there, so a
+/// bench measures the binary its own cargo built, not one another build left in `target`.
+pub fn target_dir() -> PathBuf {
+    let root = shell::workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
 }
 
 /// The `erl` command line that runs `eval` on a node with the fixtures on its code path.

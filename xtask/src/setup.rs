@@ -25,8 +25,20 @@ const PACKAGES: &[(&str, &str)] = &[
     ("gcc", "compiles the test NIFs"),
     ("bpftool", "inspects loaded eBPF programs in tests"),
     (
+        "tmux",
+        "runs leaktrace in a terminal to read its live view in tests",
+    ),
+    (
         "bpftrace",
         "runs the memleak-style baseline of `cargo xtask bench --native`",
+    ),
+    (
+        "iproute2",
+        "brings up loopback in the network namespaces of the container tests",
+    ),
+    (
+        "util-linux",
+        "unshare, nsenter and mount for the container tests",
     ),
 ];
 

@@ -203,8 +203,7 @@ fn block_bytes_agree_with_the_vm_and_max_overhead_detaches() {
             .as_array()
             .and_then(|s| {
                 s.iter()
-                    .filter(|p| p["t_s"].as_f64().unwrap_or(f64::MAX) <= t + 0.01)
-                    .last()
+                    .rfind(|p| p["t_s"].as_f64().unwrap_or(f64::MAX) <= t + 0.01)
                     .and_then(|p| p["by_group"]["ets_alloc"].as_i64())
             })
             .unwrap_or(0) as f64

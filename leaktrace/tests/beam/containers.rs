@@ -486,6 +486,15 @@ fn container_with_its_own_otp_path_is_traced_through_its_root() {
             .is_some_and(|s| s["carriers"].is_i64()),
         "{ctx}"
     );
+    // The image was found mapped under its container path: its tables were read.
+    assert!(
+        report["source_notes"]
+            .as_array()
+            .is_some_and(|n| !n.iter().any(|n| n
+                .as_str()
+                .is_some_and(|n| n.contains("allocator names could not be read")))),
+        "{ctx}"
+    );
     assert_eq!(report["native"]["libc"], "/opt/lib/libc.so.6", "{ctx}");
     assert_native_leak(&out, &report, &ctx, ("lt_nif.so", "leak"), 8.0);
     assert_container_noted(&report, &ctx);

@@ -663,7 +663,9 @@ fn full_native_map_is_counted_and_the_run_marked_degraded() {
         "a full map must mark the run degraded: {degraded:?}"
     );
     // The allocations past the full map are still counted at their site: the leak is named.
-    let culprit = report["verdict"]["culprits"][0]["name"].as_str().unwrap_or("");
+    let culprit = report["verdict"]["culprits"][0]["name"]
+        .as_str()
+        .unwrap_or("");
     assert!(
         culprit.contains("lt_native.so"),
         "culprit: {culprit}; {:#}",
@@ -682,5 +684,118 @@ fn full_native_map_is_counted_and_the_run_marked_degraded() {
             .contains("lower bounds"),
         "{}",
         report["verdict"]["summary"]
+    );
+}
+
+#[test]
+fn node_whose_beam_smp_was_replaced_on_disk_is_traced_from_its_running_image() {
+    if !privileged("node_whose_beam_smp_was_replaced_on_disk_is_traced_from_its_running_image") {
+        return;
+    }
+    let _s = serial();
+    // An OTP install of its own (a copy), so its beam.smp can be replaced under the running
+    // node as a package upgrade does: /proc/PID/exe then ends in " (deleted)".
+    let root = String::from_utf8(
+        Command::new("erl")
+            .args([
+                "-noshell",
+                "-eval",
+                "io:format(\"~s\", [code:root_dir()]), halt().",
+            ])
+            .output()
+            .expect("erl")
+            .stdout,
+    )
+    .unwrap();
+    let erts = format!("erts-{}", erts_version(&root));
+    let dir = tempfile::tempdir().unwrap();
+    let otp = dir.path().join("otp");
+    assert!(
+        Command::new("cp")
+            .args(["-a", &root])
+            .arg(&otp)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let bin = otp.join(&erts).join("bin");
+    let child = Command::new(bin.join("erlexec"))
+        .env("BINDIR", &bin)
+        .env("ROOTDIR", &otp)
+        .env("EMU", "beam")
+        .env("PROGNAME", "erl")
+        .args(["-noshell", "-pa"])
+        .arg(super::fixtures())
+        .args(["-eval", "lt_native:leak_forever(leak_malloc, 262144, 20)"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start erlexec");
+    let node = Node { child };
+    let beam = bin.join("beam.smp");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_link(format!("/proc/{}/exe", node.pid())).is_ok_and(|e| e == beam) {
+        assert!(Instant::now() < deadline, "the copy's beam.smp never ran");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The upgrade: a new file at the same path.
+    fs::remove_file(&beam).unwrap();
+    fs::copy(format!("{root}/{erts}/bin/beam.smp"), &beam).unwrap();
+    let exe = fs::read_link(format!("/proc/{}/exe", node.pid())).unwrap();
+    assert!(exe.to_string_lossy().ends_with(" (deleted)"), "{exe:?}");
+    let pid = node.pid().to_string();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "6s",
+        "--interval",
+        "500ms",
+        "--no-vm",
+        "--native",
+        "on",
+        "--blocks",
+        "--max-overhead",
+        "200",
+        "--json",
+    ]);
+    let report = json(&out);
+    let notes = report["source_notes"].to_string();
+    eprintln!(
+        "verdict {} ({}); notes {notes}",
+        report["verdict"]["kind"], report["verdict"]["summary"]
+    );
+    assert!(notes.contains("replaced on disk"), "{notes}");
+    // The image's own tables were read: allocator names, block probes.
+    assert!(
+        !notes.contains("allocator names could not be read"),
+        "{notes}"
+    );
+    assert!(
+        report["blocks"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("probes on erts_alcu")),
+        "{}",
+        report["blocks"]["reason"]
+    );
+    assert_eq!(
+        report["verdict"]["kind"], "native_leak",
+        "{:#}",
+        report["verdict"]
+    );
+    let modules = report["native"]["modules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        modules.iter().all(|m| m["module"] != "beam.smp (deleted)"),
+        "the emulator keeps its name: {modules:?}"
+    );
+    assert!(
+        report["verdict"]["culprits"][0]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("lt_native.so")),
+        "{:#}",
+        report["verdict"]
     );
 }
