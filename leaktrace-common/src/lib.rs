@@ -230,6 +230,25 @@ pub struct BlockStats {
     pub lifetimes: [u64; block::LIFE_BUCKETS],
 }
 
+impl BlockStats {
+    /// Adds `other`'s totals and buckets (summing per-CPU values, or types into a group).
+    pub fn add(&mut self, other: &BlockStats) {
+        self.allocs += other.allocs;
+        self.frees += other.frees;
+        self.bytes_allocated += other.bytes_allocated;
+        self.bytes_freed += other.bytes_freed;
+        self.unknown_frees += other.unknown_frees;
+        self.untracked += other.untracked;
+        self.bytes_untracked += other.bytes_untracked;
+        for (a, b) in self.sizes.iter_mut().zip(other.sizes) {
+            *a += b;
+        }
+        for (a, b) in self.lifetimes.iter_mut().zip(other.lifetimes) {
+            *a += b;
+        }
+    }
+}
+
 impl Default for BlockStats {
     fn default() -> Self {
         BlockStats {

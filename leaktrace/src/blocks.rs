@@ -136,22 +136,6 @@ fn net(s: &BlockStats) -> i64 {
     s.bytes_allocated as i64 - s.bytes_freed as i64
 }
 
-fn add(a: &mut BlockStats, b: &BlockStats) {
-    a.allocs += b.allocs;
-    a.frees += b.frees;
-    a.bytes_allocated += b.bytes_allocated;
-    a.bytes_freed += b.bytes_freed;
-    a.unknown_frees += b.unknown_frees;
-    a.untracked += b.untracked;
-    a.bytes_untracked += b.bytes_untracked;
-    for (x, y) in a.sizes.iter_mut().zip(b.sizes) {
-        *x += y;
-    }
-    for (x, y) in a.lifetimes.iter_mut().zip(b.lifetimes) {
-        *x += y;
-    }
-}
-
 /// The lower bound of log2 bucket `i`.
 fn bucket_value(i: usize) -> u64 {
     1u64 << i.min(62)
@@ -199,13 +183,10 @@ impl BlockLedger {
             } else {
                 allocator.clone()
             };
-            add(
-                &mut out
-                    .entry(name)
-                    .or_insert((allocator, BlockStats::default()))
-                    .1,
-                s,
-            );
+            out.entry(name)
+                .or_insert((allocator, BlockStats::default()))
+                .1
+                .add(s);
         }
         out
     }

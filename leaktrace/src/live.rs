@@ -20,6 +20,9 @@ use crate::{
 /// Seconds of recent samples the "last" rate is fitted over.
 const RECENT_S: f64 = 10.0;
 
+/// Shortest time hits/s are measured over, seconds.
+const MIN_RATE_SPAN_S: f64 = 0.2;
+
 /// Native culprits shown at most.
 const TOP_CULPRITS: usize = 3;
 
@@ -49,7 +52,7 @@ pub struct LiveState<'a> {
     pub native_reason: &'a str,
     /// Native objects by outstanding bytes, largest first (names from the target).
     pub native_modules: &'a [NativeModule],
-    /// Probe hits since the previous screen, per second (None on the first).
+    /// Probe hits per second over the latest span of at least 0.2 s (None before one).
     pub hits_per_s: Option<f64>,
     /// Probe hits since attach.
     pub hits: u64,
@@ -281,21 +284,21 @@ fn provisional(state: &LiveState<'_>) -> String {
         );
     }
     growing.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let (rss, others): (Vec<(&str, f64)>, Vec<(&str, f64)>) =
-        growing.into_iter().partition(|(n, _)| *n == "rss_anon");
-    let share = |slope: f64| match rss.first() {
-        Some(&(_, r)) if r > 0.0 => format!(" ({:.0}%)", 100.0 * slope / r),
+    let rss = growing.iter().find(|(n, _)| *n == "rss_anon").copied();
+    let share = |slope: f64| match rss {
+        Some((_, r)) if r > 0.0 => format!(" ({:.0}%)", 100.0 * slope / r),
         _ => String::new(),
     };
-    let parts: Vec<String> = others
+    let parts: Vec<String> = growing
         .iter()
+        .filter(|(n, _)| *n != "rss_anon")
         .map(|&(name, slope)| format!("{name} {}{}", signed_rate(slope), share(slope)))
         .collect();
-    match rss.first() {
-        Some(&(_, r)) if parts.is_empty() => {
+    match rss {
+        Some((_, r)) if parts.is_empty() => {
             format!("provisional: rss_anon grows {}", signed_rate(r))
         }
-        Some(&(_, r)) => format!(
+        Some((_, r)) => format!(
             "provisional: rss_anon grows {}; of it {}",
             signed_rate(r),
             parts.join(", ")
@@ -307,7 +310,7 @@ fn provisional(state: &LiveState<'_>) -> String {
 fn probes(state: &LiveState<'_>) -> String {
     let rate = state
         .hits_per_s
-        .map_or_else(|| "—".to_string(), |r| human_count(r));
+        .map_or_else(|| "—".to_string(), human_count);
     format!(
         "probes: {rate} hits/s, {} hits since attach, {} carrier events",
         human_count(state.hits as f64),
@@ -401,26 +404,35 @@ fn cut(s: &str, width: usize) -> String {
 /// dropped, also when the run ends by Ctrl-C, SIGTERM or an error.
 #[derive(Debug)]
 pub struct Screen {
-    /// Time and hit count at the previous draw, for hits/s.
+    /// Time and hit count the hits/s are measured from.
     last_hits: Option<(f64, u64)>,
+    /// Hits/s as last measured.
+    rate: Option<f64>,
 }
 
 impl Screen {
     /// Enters the alternate screen and hides the cursor. Only for a stderr that is a terminal.
     pub fn enter() -> Screen {
         put("\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J");
-        Screen { last_hits: None }
+        Screen {
+            last_hits: None,
+            rate: None,
+        }
     }
 
-    /// Probe hits per second since the previous call (None on the first, or with no time
-    /// between).
+    /// Probe hits per second since the previous call at least [`MIN_RATE_SPAN_S`] earlier
+    /// (None on the first). Two samples close together (the ticks missed while probes
+    /// attached are caught up at once) keep the rate of before rather than show 0 hits/s.
     pub fn hits_per_s(&mut self, t_s: f64, hits: u64) -> Option<f64> {
-        let rate = self
-            .last_hits
-            .filter(|(t0, _)| t_s > *t0)
-            .map(|(t0, h0)| hits.saturating_sub(h0) as f64 / (t_s - t0));
-        self.last_hits = Some((t_s, hits));
-        rate
+        match self.last_hits {
+            Some((t0, _)) if t_s - t0 < MIN_RATE_SPAN_S => {}
+            Some((t0, h0)) => {
+                self.rate = Some(hits.saturating_sub(h0) as f64 / (t_s - t0));
+                self.last_hits = Some((t_s, hits));
+            }
+            None => self.last_hits = Some((t_s, hits)),
+        }
+        self.rate
     }
 
     /// Draws `state` over the previous screen, sized to the terminal now.
@@ -564,9 +576,10 @@ mod tests {
             !text.contains("blocks_net"),
             "an unmeasured optional line is left out"
         );
-        assert!(text.contains("provisional: growing"), "{text}");
         assert!(
-            text.contains("unexplained +12.0 MiB/s (100% of rss_anon)"),
+            text.contains(
+                "provisional: rss_anon grows +12.0 MiB/s; of it unexplained +12.0 MiB/s (100%)"
+            ),
             "{text}"
         );
         assert!(text.contains("probes: 1234 hits/s"), "{text}");
@@ -622,11 +635,38 @@ mod tests {
     }
 
     #[test]
+    fn nothing_grows_on_a_flat_node() {
+        let mut s = samples();
+        for (i, x) in s.iter_mut().enumerate() {
+            // A wobble well under a byte a second: flat, shown as 0, never "-0 B".
+            x.rss_anon = Some((150 << 20) + (i % 2) as u64);
+            x.unexplained = Some((i % 2) as i64);
+        }
+        let th = Thresholds::default();
+        let l = Losses::default();
+        let text = render(&state(&s, &th, &[], &l), 120, 40).join("\n");
+        assert!(
+            text.contains("provisional: nothing grows beyond +64.0 KiB/s so far"),
+            "{text}"
+        );
+        assert!(!text.contains("-0 B"), "{text}");
+        assert!(
+            text.contains("nothing outstanding outside beam.smp"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn hits_per_second_between_draws() {
-        let mut s = Screen { last_hits: None };
+        let mut s = Screen {
+            last_hits: None,
+            rate: None,
+        };
         assert_eq!(s.hits_per_s(1.0, 100), None);
         assert_eq!(s.hits_per_s(1.5, 600), Some(1000.0));
-        assert_eq!(s.hits_per_s(1.5, 700), None);
+        // A sample right after another keeps the rate measured before.
+        assert_eq!(s.hits_per_s(1.51, 600), Some(1000.0));
+        assert_eq!(s.hits_per_s(2.0, 700), Some(200.0));
         std::mem::forget(s); // no terminal to restore in a test
     }
 }

@@ -655,19 +655,7 @@ impl Tracer {
             .map(|(t, per_cpu)| {
                 let mut sum = BlockStats::default();
                 for v in per_cpu.iter() {
-                    sum.allocs += v.allocs;
-                    sum.frees += v.frees;
-                    sum.bytes_allocated += v.bytes_allocated;
-                    sum.bytes_freed += v.bytes_freed;
-                    sum.unknown_frees += v.unknown_frees;
-                    sum.untracked += v.untracked;
-                    sum.bytes_untracked += v.bytes_untracked;
-                    for (a, b) in sum.sizes.iter_mut().zip(v.sizes) {
-                        *a += b;
-                    }
-                    for (a, b) in sum.lifetimes.iter_mut().zip(v.lifetimes) {
-                        *a += b;
-                    }
+                    sum.add(v);
                 }
                 (t, sum)
             })

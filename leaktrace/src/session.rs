@@ -21,8 +21,9 @@ use crate::{
     image::ImageView,
     launch::{self, HeldChild},
     ledger::{self, Accounted, Rss},
+    live,
     lock::TargetLock,
-    live, privilege,
+    privilege,
     probes::{CARRIER_PROBES, Detaching, NATIVE_PROBES, NIF_API_PROBES, Tracer, required_symbols},
     recording::{EndReason, Recording, SCHEMA, Sources, Target},
     symbols::SymbolTable,
@@ -729,6 +730,8 @@ async fn sample_loop(
                     let hits = tracer.total_hits();
                     let hits_per_s = screen.hits_per_s(t_s, hits);
                     let modules = native.ledger.as_ref().map(|l| l.modules()).unwrap_or_default();
+                    let mut losses = tracer.losses();
+                    losses.unknown_frees = ledger.unknown_frees();
                     screen.draw(&live::LiveState {
                         pid: traced.pid,
                         node: traced.target.node.as_deref(),
@@ -743,7 +746,7 @@ async fn sample_loop(
                         hits_per_s,
                         hits,
                         events: ledger.events(),
-                        losses: &tracer.losses(),
+                        losses: &losses,
                     });
                 }
             }

@@ -696,7 +696,12 @@ fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> 
             rate(rss_slope)
         )
     } else {
-        format!("{}, under the growth floor", trends.describe("rss_anon"))
+        format!(
+            "{}: not a sustained growth (over {}/s and {} in the run, and still growing in its second half)",
+            trends.describe("rss_anon"),
+            human_bytes(th.min_growth_bytes_per_s),
+            human_bytes(th.min_total_growth_bytes)
+        )
     };
     ruled(match native_balance(rec, trends) {
         Some(b) => format!("{b}; {why}"),

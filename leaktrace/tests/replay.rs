@@ -211,6 +211,35 @@ fn carrier_growth_without_the_vm_view_is_inconclusive_and_says_why() {
 }
 
 #[test]
+fn emptied_table_under_blocks_without_vm_is_fragmentation_of_ets_alloc() {
+    let (code, r) = judged("blocks_fragmentation.json", &[]);
+    assert_eq!(kind(&r), "fragmentation", "{:#}", r["verdict"]);
+    assert_eq!(code, 0);
+    assert_eq!(r["sources"]["vm_connection"], false);
+    assert_eq!(r["verdict"]["culprits"][0]["name"], "ets_alloc");
+    let detail = r["verdict"]["culprits"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("probe-derived"), "{detail}");
+}
+
+#[test]
+fn piled_up_timers_under_blocks_without_vm_name_their_types() {
+    let (code, r) = judged("blocks_timers.json", &[]);
+    assert_eq!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    assert_eq!(code, 1);
+    let names: Vec<&str> = r["verdict"]["culprits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["fix_alloc: bif_timer", "eheap_alloc: heap_frag"]);
+    // A higher floor than the timers' growth rules it out.
+    let (code, r) = judged("blocks_timers.json", &["--min-growth", "20000000"]);
+    assert_ne!(kind(&r), "vm_growth", "{:#}", r["verdict"]);
+    assert_ne!(code, 1);
+}
+
+#[test]
 fn thresholds_from_the_command_line_change_the_verdict() {
     // The leak grows at a few MiB/s: a noise floor of 1 GiB/s hides it.
     let (code, r) = judged("native_leak.json", &["--min-growth", "1048576"]);

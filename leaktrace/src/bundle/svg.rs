@@ -132,12 +132,18 @@ struct Line {
     value: fn(&Sample) -> Option<f64>,
 }
 
-const LINES: [Line; 5] = [
+const LINES: [Line; 7] = [
     Line {
         name: "rss",
         color: "#1f77b4",
         note: "resident set",
         value: |s| s.rss.map(|v| v as f64),
+    },
+    Line {
+        name: "cgroup_memory",
+        color: "#7f7f7f",
+        note: "the cgroup's charge (OOM killer)",
+        value: |s| s.cgroup_memory.map(|v| v as f64),
     },
     Line {
         name: "carriers",
@@ -163,6 +169,12 @@ const LINES: [Line; 5] = [
         note: "since attach",
         value: |s| s.unexplained.map(|v| v as f64),
     },
+    Line {
+        name: "blocks_net",
+        color: "#8c564b",
+        note: "--blocks, since attach",
+        value: |s| s.blocks_net.map(|v| v as f64),
+    },
 ];
 
 /// `timeline.svg`: rss, carriers, vm_used, native_outstanding and unexplained over the run,
@@ -172,10 +184,25 @@ pub fn timeline(r: &Recording, v: &Verdict) -> String {
     let (w, h) = (1000.0, 540.0);
     let (left, right, top, bottom) = (90.0, 230.0, 78.0, 58.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
+    // The cgroup can hold far more than this node (other processes, page cache): drawn only
+    // when on the node's scale, else its legend says so.
+    let line_max = |l: &Line| {
+        r.samples
+            .iter()
+            .filter_map(|s| (l.value)(s))
+            .fold(0.0, f64::max)
+    };
+    let rss_max = line_max(&LINES[0]).max(1.0);
+    let off_scale = |l: &Line| l.name == "cgroup_memory" && line_max(l) > 4.0 * rss_max;
     let points: Vec<(f64, f64)> = r
         .samples
         .iter()
-        .flat_map(|s| LINES.iter().filter_map(|l| Some((s.t_s, (l.value)(s)?))))
+        .flat_map(|s| {
+            LINES
+                .iter()
+                .filter(|l| !off_scale(l))
+                .filter_map(|l| Some((s.t_s, (l.value)(s)?)))
+        })
         .collect();
     if points.is_empty() {
         return message(
@@ -274,7 +301,8 @@ pub fn timeline(r: &Recording, v: &Verdict) -> String {
             }
         }
         let mut last = None;
-        for seg in segments.iter().filter(|s| !s.is_empty()) {
+        let hidden = off_scale(l);
+        for seg in segments.iter().filter(|s| !s.is_empty() && !hidden) {
             let pts: Vec<String> = seg.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
             let _ = writeln!(
                 o,
@@ -310,10 +338,11 @@ pub fn timeline(r: &Recording, v: &Verdict) -> String {
             lx + 20.0,
             ly + 22.0,
             l.note,
-            last.map_or("not measured".into(), |b| format!(
-                "last {}",
-                human_bytes(b)
-            ))
+            match last {
+                None => "not measured".into(),
+                Some(b) if hidden => format!("last {}, off scale: not drawn", human_bytes(b)),
+                Some(b) => format!("last {}", human_bytes(b)),
+            }
         );
     }
     o.push_str("</svg>\n");

@@ -316,7 +316,10 @@ impl Losses {
             .any(|c| c.contains("events") || c.contains("map"));
         let what = match (creations + resizes > 0, frees > 0) {
             (false, false) if !unread => return None,
-            (false, false) => "some loss counters could not be read: carrier figures are of unknown accuracy".to_owned(),
+            (false, false) => {
+                "some loss counters could not be read: carrier figures are of unknown accuracy"
+                    .to_owned()
+            }
             (true, false) if resizes == 0 => format!(
                 "{creations} carrier creation events were lost (ring buffer or map full, missed entries): carrier figures are a lower bound"
             ),

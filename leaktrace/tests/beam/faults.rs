@@ -556,18 +556,7 @@ fn run_of_another_beam_file_is_refused_and_stopped() {
     let _s = serial();
     // A byte-identical copy is another inode: probes on it would never fire in the node that
     // `erl` really starts.
-    let root = String::from_utf8(
-        Command::new("erl")
-            .args([
-                "-noshell",
-                "-eval",
-                "io:format(\"~s\", [code:root_dir()]), halt().",
-            ])
-            .output()
-            .expect("erl")
-            .stdout,
-    )
-    .unwrap();
+    let root = otp_root();
     let beam = format!("{root}/erts-{}/bin/beam.smp", erts_version(&root));
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("beam.smp");
@@ -602,6 +591,22 @@ fn run_of_another_beam_file_is_refused_and_stopped() {
         .collect();
     assert!(left.is_empty(), "the command was left running: {left:?}");
     eprintln!("refused: {}", err.trim());
+}
+
+/// The OTP installation `erl` runs.
+fn otp_root() -> String {
+    String::from_utf8(
+        Command::new("erl")
+            .args([
+                "-noshell",
+                "-eval",
+                "io:format(\"~s\", [code:root_dir()]), halt().",
+            ])
+            .output()
+            .expect("erl")
+            .stdout,
+    )
+    .expect("a UTF-8 path")
 }
 
 fn erts_version(root: &str) -> String {
@@ -695,18 +700,7 @@ fn node_whose_beam_smp_was_replaced_on_disk_is_traced_from_its_running_image() {
     let _s = serial();
     // An OTP install of its own (a copy), so its beam.smp can be replaced under the running
     // node as a package upgrade does: /proc/PID/exe then ends in " (deleted)".
-    let root = String::from_utf8(
-        Command::new("erl")
-            .args([
-                "-noshell",
-                "-eval",
-                "io:format(\"~s\", [code:root_dir()]), halt().",
-            ])
-            .output()
-            .expect("erl")
-            .stdout,
-    )
-    .unwrap();
+    let root = otp_root();
     let erts = format!("erts-{}", erts_version(&root));
     let dir = tempfile::tempdir().unwrap();
     let otp = dir.path().join("otp");

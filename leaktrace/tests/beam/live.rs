@@ -2,6 +2,7 @@
 //! `tmux capture-pane`, while a node leaks through a NIF.
 
 use std::{
+    path::{Path, PathBuf},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -12,17 +13,19 @@ use super::{LEAKTRACE, Node, privileged, serial};
 /// The live view's last line (leaktrace::live::FOOTER).
 const FOOTER: &str = "Ctrl-C ends the run and writes the report";
 
-/// A tmux server of its own (`-L`), holding one detached session that runs leaktrace; the
-/// server and what runs in it are killed on drop.
+/// A tmux server of its own (`-S`, its socket under the test's temporary directory), holding
+/// one detached session that runs leaktrace; the server, what runs in it and the socket go on
+/// drop.
 struct Pane {
-    socket: String,
+    socket: PathBuf,
 }
 
 impl Pane {
     /// Starts `args` of leaktrace in a 120x40 pane that stays readable after leaktrace exits.
     fn start(tag: &str, args: &[&str]) -> Pane {
         let pane = Pane {
-            socket: format!("lt-live-{}-{tag}", std::process::id()),
+            socket: Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("lt-live-{}-{tag}.tmux", std::process::id())),
         };
         // exec: leaktrace itself is the pane's process, so Ctrl-C reaches it alone and no
         // shell exits under it (which would hang it up).
@@ -52,7 +55,7 @@ impl Pane {
 
     fn tmux(&self) -> Command {
         let mut c = Command::new("tmux");
-        c.args(["-L", &self.socket]);
+        c.arg("-S").arg(&self.socket);
         c
     }
 
@@ -91,6 +94,7 @@ impl Pane {
 impl Drop for Pane {
     fn drop(&mut self) {
         let _ = self.tmux().arg("kill-server").output();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 

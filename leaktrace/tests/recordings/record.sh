@@ -21,8 +21,14 @@ record() { # name eval duration [leaktrace options...]
     echo "$name: $("$LT" report "$OUT/$name.json" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["verdict"]["kind"])')"
 }
 
-# No argument: every scenario; `new`: from the second round on; `two`: the last one only.
+# No argument: every scenario; `new`: from the second round on; `two`: the last one only;
+# `blocks`: the --blocks ones only.
 STAGE=${1:-all}
+[ "$STAGE" = all ] || [ "$STAGE" = blocks ] && {
+record blocks_fragmentation 'lt_vm:fragment_later(4000, 400000, 40).' 16s --no-vm --blocks --max-overhead 200
+record blocks_timers 'lt_vm:pile_timers(2000, 50).' 10s --no-vm --blocks --max-overhead 200
+}
+[ "$STAGE" != blocks ] || exit 0
 [ "$STAGE" != all ] || {
 record native_leak 'lt_load:leak_forever(262144, 20).' 12s
 record healthy 'lt_load:healthy_forever(10).' 12s
