@@ -102,7 +102,7 @@ pub struct TraceArgs {
     /// Write the recording to FILE (re-judge it later with `leaktrace report FILE`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
-    /// No progress line.
+    /// No live view (it is off anyway when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
     /// Do not connect to the VM: OS and probe evidence only.

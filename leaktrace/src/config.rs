@@ -19,7 +19,7 @@ pub struct TraceConfig {
     pub record: Option<PathBuf>,
     /// Verdict thresholds.
     pub thresholds: Thresholds,
-    /// Show a progress line on stderr (only when it is a terminal).
+    /// Show the live view on stderr (only when it is a terminal).
     pub progress: bool,
     /// How to reach the VM (None: `--no-vm`).
     pub vm: Option<VmAccess>,
