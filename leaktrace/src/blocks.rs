@@ -224,32 +224,35 @@ impl BlockLedger {
     pub fn histograms_into(&mut self, h: &mut Histograms) {
         for (t, s) in &self.totals {
             let before = self.closed.get(t).copied().unwrap_or_default();
-            let (allocator, _) = self.names.of(*t);
-            for i in 0..block::SIZE_BUCKETS {
-                let n = s.sizes[i].saturating_sub(before.sizes[i]);
-                h.record_n(
-                    &format!("block_size/{allocator}"),
-                    HistogramUnit::Bytes,
-                    bucket_value(i),
-                    n,
-                );
-            }
-            for i in 0..block::LIFE_BUCKETS {
-                let n = s.lifetimes[i].saturating_sub(before.lifetimes[i]);
-                h.record_n(
-                    &format!("block_lifetime/{allocator}"),
-                    HistogramUnit::Us,
-                    bucket_value(i),
-                    n,
-                );
+            let (allocator, ty) = self.names.of(*t);
+            // Per allocator, and per type (`block_size/ets_alloc: db_term`).
+            for group in [allocator.clone(), format!("{allocator}: {ty}")] {
+                for i in 0..block::SIZE_BUCKETS {
+                    let n = s.sizes[i].saturating_sub(before.sizes[i]);
+                    h.record_n(
+                        &format!("block_size/{group}"),
+                        HistogramUnit::Bytes,
+                        bucket_value(i),
+                        n,
+                    );
+                }
+                for i in 0..block::LIFE_BUCKETS {
+                    let n = s.lifetimes[i].saturating_sub(before.lifetimes[i]);
+                    h.record_n(
+                        &format!("block_lifetime/{group}"),
+                        HistogramUnit::Us,
+                        bucket_value(i),
+                        n,
+                    );
+                }
             }
         }
         self.closed = self.totals.clone();
     }
 
-    /// Blocks still live at the end, per allocator: their lifetimes are censored.
+    /// Blocks still live at the end, per allocator and per type: their lifetimes are censored.
     pub fn censor_into(&self, h: &mut Histograms) {
-        for (name, (_, s)) in self.groups(false) {
+        for (name, (_, s)) in self.groups(false).into_iter().chain(self.groups(true)) {
             let live = s.allocs.saturating_sub(s.frees);
             if live > 0 {
                 h.censored(&format!("block_lifetime/{name}"), HistogramUnit::Us, live);
@@ -477,5 +480,12 @@ mod tests {
             .find(|s| s.name == "block_lifetime/ets_alloc")
             .unwrap();
         assert_eq!(life.censored, 13);
+        // The same per type.
+        let by_type = h
+            .series
+            .iter()
+            .find(|s| s.name == "block_size/ets_alloc: db_term")
+            .unwrap();
+        assert_eq!(by_type.intervals.len(), 2);
     }
 }

@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// Soak: carrier plus NIF API probe events a second the workload drives, half each.
     #[arg(long, default_value_t = 100_000)]
     soak_rate: u32,
+    /// Measure the block probes instead (only this section runs): the workload untraced,
+    /// under `--blocks` and under `--blocks sampled`, side by side round by round.
+    #[arg(long)]
+    blocks: bool,
+    /// Blocks: workload rounds per node run (long enough for several sampling windows).
+    #[arg(long, default_value_t = 12_000)]
+    blocks_work: u32,
 }
 
 /// One traced run's figures from its report.
@@ -79,6 +86,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.soak {
         return soak(args, &leaktrace, &dir);
+    }
+    if args.blocks {
+        return blocks(args, &leaktrace, &dir);
     }
     let scratch = fixtures::target_dir().join("leaktrace-bench");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -502,8 +512,14 @@ fn wait_settled(pid: u32) -> anyhow::Result<()> {
 
 /// CPU seconds (user + system) the process has used: fields 14 and 15 of /proc/PID/stat.
 fn cpu_s(pid: u32) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    stat_cpu_s(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// CPU seconds (user + system) of a `stat` file of /proc: a process's, or a thread's
+/// (/proc/PID/task/TID/stat; /proc/TID/stat would give the whole process).
+fn stat_cpu_s(path: &Path) -> anyhow::Result<f64> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let path = path.display();
     // Fields after the command name (which may hold spaces) start with field 3, the state.
     let fields: Vec<&str> = text
         .rsplit_once(')')
@@ -556,12 +572,25 @@ fn under_leaktrace(
     scratch: &Path,
     work: u32,
 ) -> anyhow::Result<Traced> {
+    Ok(under_leaktrace_with(leaktrace, dir, scratch, work, &[])?.0)
+}
+
+/// One `leaktrace run` of the workload with `extra` options; also returns its report.json.
+fn under_leaktrace_with(
+    leaktrace: &Path,
+    dir: &Path,
+    scratch: &Path,
+    work: u32,
+    extra: &[&str],
+) -> anyhow::Result<(Traced, serde_json::Value)> {
     let out = scratch.join("traced.us");
     let _ = fs::remove_file(&out);
     let report_dir = scratch.join("report");
     let erl = fixtures::erl(dir, &[], &eval(work, &out));
     let mut cmd = Command::new(leaktrace);
-    cmd.args(["run", "--no-vm", "--quiet", "--duration", "1h", "--out"])
+    cmd.args(["run", "--no-vm", "--quiet", "--duration", "1h"])
+        .args(extra)
+        .arg("--out")
         .arg(&report_dir)
         .arg("--")
         .arg(erl.get_program())
@@ -582,7 +611,7 @@ fn under_leaktrace(
         .map(|probes| probes.iter().filter_map(|p| p["hits"].as_u64()).sum())
         .unwrap_or(0);
     let duration = report["duration_s"].as_f64().unwrap_or(0.0);
-    Ok(Traced {
+    let traced = Traced {
         elapsed_us: elapsed(&out)?,
         hits_per_s: if duration > 0.0 {
             hits as f64 / duration
@@ -591,7 +620,110 @@ fn under_leaktrace(
         },
         peak_rss: report["tracer"]["peak_rss"].as_u64().unwrap_or(0),
         events_lost: report["losses"]["events_lost"].as_u64().unwrap_or(0),
-    })
+    };
+    Ok((traced, report))
+}
+
+/// Block probe hits of a report (every `block_*` program). A program serving several symbols
+/// (the `_thr_pref`, `_thr_spec` and `_ts` variants) has one hit counter, shown on each of its
+/// rows: counted once.
+fn block_hits(report: &serde_json::Value) -> u64 {
+    let mut by_program = std::collections::BTreeMap::new();
+    for p in report["probes"].as_array().into_iter().flatten() {
+        if let Some(name) = p["name"].as_str().filter(|n| n.starts_with("block_")) {
+            by_program.insert(name.to_owned(), p["hits"].as_u64().unwrap_or(0));
+        }
+    }
+    by_program.values().sum()
+}
+
+/// `--blocks`: the workload untraced, under `--blocks` and under `--blocks sampled`, one
+/// after the other each round; medians, ratios and the cost of one block probe hit.
+fn blocks(args: &BenchArgs, leaktrace: &Path, dir: &Path) -> anyhow::Result<()> {
+    let scratch = fixtures::target_dir().join("leaktrace-bench");
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let work = args.blocks_work;
+    shell::step(&format!(
+        "bench --blocks: workload of {work} churn rounds, {} measured rounds after one warm-up round (untraced, --blocks, --blocks sampled)",
+        args.rounds
+    ));
+    let modes: [(&str, &[&str]); 2] = [
+        (
+            "full",
+            &["--blocks", "--max-overhead", "200", "--native", "off"],
+        ),
+        (
+            "sampled",
+            &[
+                "--blocks",
+                "sampled",
+                "--max-overhead",
+                "200",
+                "--native",
+                "off",
+            ],
+        ),
+    ];
+    let mut plain = Vec::new();
+    let mut runs: Vec<Vec<(f64, u64, String)>> = vec![Vec::new(); modes.len()];
+    for round in 0..=args.rounds {
+        let p = untraced(dir, &scratch, work)?;
+        let mut line = format!(
+            "    {} untraced {:9.1} ms",
+            if round == 0 { "warm-up " } else { "measured" },
+            p / 1e3
+        );
+        for (i, (name, extra)) in modes.iter().enumerate() {
+            let (t, report) = under_leaktrace_with(leaktrace, dir, &scratch, work, extra)?;
+            let hits = block_hits(&report);
+            line += &format!(
+                "   {name} {:9.1} ms ({hits} block hits)",
+                t.elapsed_us / 1e3
+            );
+            if round > 0 {
+                let sampling = report["blocks"]["sampling"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                runs[i].push((t.elapsed_us, hits, sampling));
+            }
+        }
+        eprintln!("{line}");
+        if round > 0 {
+            plain.push(p);
+        }
+    }
+    let plain_median = median(plain.iter().copied());
+    println!(
+        "leaktrace bench --blocks ({} rounds, workload {work} rounds of lt_bench churn, --no-vm --native off)",
+        args.rounds
+    );
+    println!("  median untraced          {:10.1} ms", plain_median / 1e3);
+    for ((name, _), r) in modes.iter().zip(&runs) {
+        let traced = median(r.iter().map(|x| x.0));
+        let hits = median(r.iter().map(|x| x.1 as f64));
+        let cost_us = if hits > 0.0 {
+            (traced - plain_median) / hits
+        } else {
+            0.0
+        };
+        println!(
+            "  --blocks {name:<8} median {:10.1} ms   ratio {:6.3}   block probe hits {:10.0}   {:5.2} µs of workload time a hit",
+            traced / 1e3,
+            traced / plain_median,
+            hits,
+            cost_us
+        );
+    }
+    if let Some(s) = runs.get(1).and_then(|r| r.last()).map(|x| x.2.clone())
+        && !s.is_empty()
+    {
+        println!("  sampled mode: {s}");
+    }
+    println!(
+        "  targets: full well under the 6.3x of one event per call; sampled <= 1.10x (see the ratios)"
+    );
+    Ok(())
 }
 
 fn elapsed(file: &Path) -> anyhow::Result<f64> {
@@ -1234,19 +1366,12 @@ fn scheduler_cpu(pid: u32) -> std::collections::BTreeMap<u32, f64> {
         return by_scheduler;
     };
     for task in tasks.filter_map(Result::ok) {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<u32>().ok())
-        else {
-            continue;
-        };
         let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if let Some(n) = comm
             .trim()
             .strip_suffix("_scheduler")
             .and_then(|n| n.parse::<u32>().ok())
-            && let Ok(cpu) = cpu_s(tid)
+            && let Ok(cpu) = stat_cpu_s(&task.path().join("stat"))
         {
             by_scheduler.insert(n, cpu);
         }
