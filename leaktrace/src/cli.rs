@@ -6,8 +6,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{
-        Launch, MAX_STACK_FRAMES, NativeMode, ReportConfig, ThresholdOverrides, TraceConfig,
-        VmAccess,
+        Launch, MAX_STACK_FRAMES, NativeMode, OutMode, ReportConfig, RunAs, ThresholdOverrides,
+        TraceConfig, VmAccess,
     },
     error::Error,
     recording::Thresholds,
@@ -39,6 +39,10 @@ pub enum CliCommand {
         /// The beam.smp the command runs (default: found from the command's Erlang root).
         #[arg(long)]
         beam: Option<PathBuf>,
+        /// Start the command as this user (name or uid), with its groups and home, as sudo
+        /// would; default: the user who ran sudo (SUDO_USER), else leaktrace's own user.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
         #[command(flatten)]
         trace: TraceArgs,
         /// The command and its arguments.
@@ -67,6 +71,9 @@ pub enum CliCommand {
         /// Print report.json on stdout.
         #[arg(long)]
         json: bool,
+        /// Permissions of the report files (octal; see `attach --out-mode`).
+        #[arg(long, value_name = "MODE", default_value = "0600", value_parser = OutMode::parse)]
+        out_mode: OutMode,
         #[command(flatten)]
         thresholds: ThresholdArgs,
     },
@@ -102,6 +109,10 @@ pub struct TraceArgs {
     /// Write the recording to FILE (re-judge it later with `leaktrace report FILE`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Permissions of the report files and the recording (octal); a directory --out creates
+    /// gets the matching search bits (0600 -> 0700, 0644 -> 0755).
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = OutMode::parse)]
+    pub out_mode: OutMode,
     /// No live view (it is off anyway when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
@@ -275,6 +286,7 @@ impl TraceArgs {
             out: self.out.clone(),
             json: self.json,
             record: self.record.clone(),
+            out_mode: self.out_mode,
             thresholds: self.thresholds.overrides()?.apply(Thresholds::default()),
             progress: !self.quiet,
             vm: (!self.no_vm).then(|| self.vm.access()),
@@ -322,9 +334,31 @@ impl Cli {
             }
             CliCommand::Run {
                 beam,
+                user,
                 trace,
                 command,
-            } => Command::Trace(Launch::Run { command, beam }, trace.config()?),
+            } => {
+                let user = match user {
+                    Some(u) => Some(RunAs::lookup(&u).map_err(Error::Usage)?),
+                    // Started through sudo: the command runs as the one who asked, not as root.
+                    None => match std::env::var("SUDO_USER") {
+                        Ok(u) if !u.is_empty() && u != "root" => {
+                            Some(RunAs::lookup(&u).map_err(|e| {
+                                Error::Usage(format!("SUDO_USER: {e}; pass --user USER"))
+                            })?)
+                        }
+                        _ => None,
+                    },
+                };
+                Command::Trace(
+                    Launch::Run {
+                        command,
+                        beam,
+                        user,
+                    },
+                    trace.config()?,
+                )
+            }
             CliCommand::Vm { pid, vm, json } => Command::Vm {
                 pid,
                 access: vm.access(),
@@ -334,11 +368,13 @@ impl Cli {
                 file,
                 out,
                 json,
+                out_mode,
                 thresholds,
             } => Command::Report(ReportConfig {
                 file,
                 out,
                 json,
+                out_mode,
                 thresholds: thresholds.overrides()?,
             }),
             CliCommand::Diff { a, b, json } => Command::Diff { a, b, json },
@@ -430,7 +466,7 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_after_dashes() {
-        let Command::Trace(Launch::Run { command, beam }, _) = parse(&[
+        let Command::Trace(Launch::Run { command, beam, .. }, _) = parse(&[
             "leaktrace",
             "run",
             "--duration",

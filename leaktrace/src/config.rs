@@ -17,6 +17,8 @@ pub struct TraceConfig {
     pub json: bool,
     /// Write the recording here.
     pub record: Option<PathBuf>,
+    /// Permissions of the files written (`--out-mode`); directories get the matching search bits.
+    pub out_mode: OutMode,
     /// Verdict thresholds.
     pub thresholds: Thresholds,
     /// Show the live view on stderr (only when it is a terminal).
@@ -33,6 +35,54 @@ pub struct TraceConfig {
     /// Most of one CPU the block probes may cost (a fraction, `--max-overhead` percent / 100):
     /// past it they are detached and the report says when.
     pub max_overhead: f64,
+}
+
+/// Permissions of report files, recordings and the `--out` directory leaktrace creates. The
+/// default, 0600 (directory 0700), keeps what a report says of the node (process names, port
+/// programs, paths) to the operator; `--out-mode 0644` shares it with the host's users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutMode(u32);
+
+impl Default for OutMode {
+    fn default() -> OutMode {
+        OutMode(0o600)
+    }
+}
+
+impl OutMode {
+    /// Parses an octal mode (`0600`, `644`): permission bits only, readable and writable by
+    /// the owner (leaktrace replaces its files whole: it must be able to).
+    pub fn parse(s: &str) -> Result<OutMode, String> {
+        let digits = s.trim();
+        let mode = u32::from_str_radix(digits, 8)
+            .map_err(|_| format!("{s:?} is not an octal mode such as 0600 or 0644"))?;
+        if mode > 0o777 {
+            return Err(format!(
+                "{s} has bits beyond rwx for user, group and others: give e.g. 0600 or 0644"
+            ));
+        }
+        if mode & 0o600 != 0o600 {
+            return Err(format!(
+                "{s} does not let the owner read and write the files: give e.g. 0600 or 0644"
+            ));
+        }
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "{s} lets other users change the report: give e.g. 0600 or 0644"
+            ));
+        }
+        Ok(OutMode(mode))
+    }
+
+    /// Mode of the files.
+    pub fn file(self) -> u32 {
+        self.0
+    }
+
+    /// Mode of a directory leaktrace creates: the files' mode with search where read is given.
+    pub fn dir(self) -> u32 {
+        self.0 | ((self.0 & 0o444) >> 2)
+    }
 }
 
 /// Most frames `--stacks` takes: as many as the kernel keeps per stack.
@@ -94,7 +144,70 @@ pub enum Launch {
         command: Vec<String>,
         /// beam.smp the command will exec, when given.
         beam: Option<PathBuf>,
+        /// The user the command runs as (None: leaktrace's own).
+        user: Option<RunAs>,
     },
+}
+
+/// A user a `run` command is started as: looked up once, in the host's user database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// Login name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory (HOME of the command; where erl keeps its cookie).
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Looks up `user`, a login name or a numeric uid.
+    pub fn lookup(user: &str) -> Result<RunAs, String> {
+        use std::ffi::{CStr, CString};
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let r = match user.parse::<u32>() {
+            // SAFETY: getpwuid_r writes into pwd and buf, both sized as passed.
+            Ok(uid) => unsafe {
+                libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found)
+            },
+            Err(_) => {
+                let name =
+                    CString::new(user).map_err(|_| format!("--user {user:?}: a NUL byte"))?;
+                // SAFETY: as above, with a valid C string.
+                unsafe {
+                    libc::getpwnam_r(
+                        name.as_ptr(),
+                        &mut pwd,
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                        &mut found,
+                    )
+                }
+            }
+        };
+        if r != 0 || found.is_null() {
+            return Err(format!(
+                "--user {user}: no such user in the host's user database (getent passwd {user})"
+            ));
+        }
+        // SAFETY: on success pw_name and pw_dir point to NUL-terminated strings inside buf.
+        let (name, home) = unsafe {
+            (
+                CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned(),
+                CStr::from_ptr(pwd.pw_dir).to_string_lossy().into_owned(),
+            )
+        };
+        Ok(RunAs {
+            name,
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+            home: PathBuf::from(home),
+        })
+    }
 }
 
 /// Re-judge a recording.
@@ -106,6 +219,8 @@ pub struct ReportConfig {
     pub out: Option<PathBuf>,
     /// Print report.json on stdout.
     pub json: bool,
+    /// Permissions of the files written (`--out-mode`).
+    pub out_mode: OutMode,
     /// Thresholds to use instead of the recorded ones, field by field.
     pub thresholds: ThresholdOverrides,
 }

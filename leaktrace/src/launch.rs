@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{error::Error, target};
+use crate::{config::RunAs, error::Error, target};
 
 /// How long `run` waits for the command to exec beam.smp.
 const BEAM_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,7 +64,13 @@ pub struct HeldChild {
 
 impl HeldChild {
     /// With `json_on_stdout`, the command's stdout goes to stderr so that stdout stays JSON.
-    pub fn spawn(command: &[String], json_on_stdout: bool) -> Result<HeldChild, Error> {
+    /// With `user`, the command runs as that user, with its groups, `HOME`, `USER` and
+    /// `LOGNAME`, and none of leaktrace's capabilities.
+    pub fn spawn(
+        command: &[String],
+        json_on_stdout: bool,
+        user: Option<&RunAs>,
+    ) -> Result<HeldChild, Error> {
         let spawn_err = |reason: String| Error::Spawn {
             command: command.join(" "),
             reason,
@@ -84,10 +90,46 @@ impl HeldChild {
         if json_on_stdout {
             cmd.stdout(std::io::stderr());
         }
+        let identity = match user {
+            Some(u) => {
+                cmd.env("HOME", &u.home)
+                    .env("USER", &u.name)
+                    .env("LOGNAME", &u.name);
+                let name = std::ffi::CString::new(u.name.as_str())
+                    .map_err(|_| spawn_err(format!("user name {:?}", u.name)))?;
+                // Looked up here: between fork and exec only async-signal-safe calls are made.
+                let mut groups: Vec<libc::gid_t> = vec![0; 256];
+                let mut n = groups.len() as libc::c_int;
+                // SAFETY: groups holds n entries; getgrouplist writes at most n and sets n.
+                let r = unsafe {
+                    libc::getgrouplist(name.as_ptr(), u.gid, groups.as_mut_ptr(), &mut n)
+                };
+                if r < 0 {
+                    return Err(spawn_err(format!(
+                        "user {} is in more than {} groups",
+                        u.name,
+                        groups.len()
+                    )));
+                }
+                groups.truncate(n.max(0) as usize);
+                Some((groups, u.uid, u.gid))
+            }
+            None => None,
+        };
         unsafe {
             cmd.pre_exec(move || {
                 if libc::dup2(read_fd, 3) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The user's groups, then its gid, then its uid: after setuid nothing else can
+                // be changed, and a uid other than 0 ends every capability of the command.
+                if let Some((groups, uid, gid)) = &identity {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // Own process group: Ctrl-C meant for leaktrace must not reach the node
                 // (it would open the BREAK menu or kill it).

@@ -12,11 +12,7 @@ use leaktrace::{
     recording::Recording,
     report::{self, Report},
     session,
-    vm::{
-        discover::{self, Cookie, CookieSource},
-        render,
-        view::VmView,
-    },
+    vm::{discover, render, view::VmView},
 };
 
 const EXIT_ERROR: u8 = 2;
@@ -55,6 +51,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             file,
             out,
             json,
+            out_mode,
             thresholds,
         }) => {
             let mut recording = Recording::read(&file)?;
@@ -65,6 +62,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 out,
                 json,
                 record: None,
+                out_mode,
                 thresholds: recording.thresholds,
                 progress: false,
                 vm: None,
@@ -85,43 +83,61 @@ fn run(cli: Cli) -> Result<u8, Error> {
 }
 
 fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Error> {
-    let view = match pid {
-        Some(pid) => {
-            leaktrace::target::inspect(pid)?;
-            VmView::connect(pid, access)
-        }
+    let pid = match pid {
+        Some(pid) => pid,
+        // A name alone: the process serving it is found and held to the same rules as a PID
+        // (its cookie only from what its own user could read), never whatever answers on the
+        // port epmd gives.
         None => {
-            let addr = discover::find_node_by_name(access.node.as_deref().unwrap_or_default())
-                .map_err(|e| Error::Vm(e.to_string()))?;
-            let (cookie, source) = match (&access.cookie, &access.cookie_file) {
-                (Some(c), _) => (c.clone(), CookieSource::Flag),
-                (None, Some(f)) => (
-                    Cookie::new(
-                        String::from_utf8_lossy(&discover::read_operator_file(f, 4096).map_err(
-                            |e| Error::Vm(format!("cannot use --cookie-file {}: {e}", f.display())),
-                        )?)
-                        .into_owned(),
-                    ),
-                    CookieSource::File,
-                ),
-                (None, None) => {
-                    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-                    let file = std::path::Path::new(&home).join(".erlang.cookie");
-                    let raw = discover::read_operator_file(&file, 4096).map_err(|e| {
-                        Error::Vm(format!(
-                            "no cookie: give --cookie-file ({}: {e})",
-                            file.display()
-                        ))
-                    })?;
-                    (
-                        Cookie::new(String::from_utf8_lossy(&raw).into_owned()),
-                        CookieSource::HomeFile,
-                    )
+            let given = access.node.as_deref().unwrap_or_default();
+            let addr = discover::find_node_by_name(given).map_err(|e| Error::Vm(e.to_string()))?;
+            let pids = discover::pids_listening_on(addr.port).map_err(|e| {
+                Error::Vm(format!(
+                    "cannot tell which process serves node {} on port {} ({e}): pass --pid",
+                    addr.name, addr.port
+                ))
+            })?;
+            let beams: Vec<u32> = pids
+                .iter()
+                .copied()
+                .filter(|p| leaktrace::target::inspect(*p).is_ok())
+                .collect();
+            match beams.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(Error::Vm(format!(
+                        "epmd has node {} on port {}, but no beam.smp on this host listens there{}: refusing to talk to it; pass --pid PID of the node",
+                        addr.name,
+                        addr.port,
+                        if pids.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " (PID {} does, and is not an Erlang VM)",
+                                pids.iter()
+                                    .map(u32::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        }
+                    )));
                 }
-            };
-            VmView::connect_node(&addr, &cookie, source, access.top)
+                many => {
+                    return Err(Error::Vm(format!(
+                        "several processes listen on port {} of node {} (PIDs {}): pass --pid",
+                        addr.port,
+                        addr.name,
+                        many.iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
         }
     };
+    leaktrace::target::inspect(pid)?;
+    let view = VmView::connect(pid, access);
     let view = view.map_err(|e| Error::Vm(e.to_string()))?;
     let sample = view.sample(0.0).map_err(|e| Error::Vm(e.to_string()))?;
     let census = view.census(0.0).map_err(|e| Error::Vm(e.to_string()))?;
@@ -169,14 +185,14 @@ fn emit(report: Report, cfg: &TraceConfig) -> Result<u8, Error> {
     let _ = std::io::stdout().flush();
     let mut failed = Vec::new();
     if let Some(dir) = &cfg.out {
-        match report::write_dir(&report, dir) {
+        match report::write_dir(&report, dir, cfg.out_mode) {
             Ok(()) if !cfg.json => out(&format!("report: {}", dir.join("report.md").display())),
             Ok(()) => {}
             Err(e) => failed.push(e),
         }
     }
     if let Some(path) = &cfg.record
-        && let Err(e) = report.recording.write(path)
+        && let Err(e) = report.recording.write_with_mode(path, cfg.out_mode)
     {
         failed.push(e);
     }

@@ -272,9 +272,251 @@ pub fn require() -> Result<(), Error> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dropping what is no longer needed
+
+/// Capability names by bit number, as in capabilities(7) (Linux 5.9+: up to
+/// CAP_CHECKPOINT_RESTORE).
+const CAP_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// Bit of a capability by its name.
+fn bit(name: &str) -> u32 {
+    CAP_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("a capability of CAP_NAMES") as u32
+}
+
+/// The set of the named capabilities.
+fn mask(names: &[&str]) -> u64 {
+    names.iter().fold(0, |m, n| m | (1u64 << bit(n)))
+}
+
+/// Names of the capabilities in `mask`, lowest bit first (`CAP_40+1` past the table).
+pub fn names(mask: u64) -> Vec<String> {
+    (0..64)
+        .filter(|b| mask & (1u64 << b) != 0)
+        .map(|b| {
+            CAP_NAMES
+                .get(b as usize)
+                .map_or_else(|| format!("CAP_{b}"), |n| (*n).to_owned())
+        })
+        .collect()
+}
+
+/// What a tracing thread keeps once its probes are placed: reading the target's memory, maps
+/// and pagemap (`/proc/PID/mem` is 0600 and needs ptrace access: CAP_SYS_PTRACE with
+/// CAP_DAC_READ_SEARCH), and opening its objects through `/proc/PID/map_files` to name
+/// allocation sites (CAP_CHECKPOINT_RESTORE, which the kernel accepts there instead of
+/// CAP_SYS_ADMIN since Linux 5.9).
+pub fn tracing_keeps() -> u64 {
+    mask(&[
+        "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_CHECKPOINT_RESTORE",
+    ])
+}
+
+/// What placing probes needs on top (loading programs, opening uprobe perf events), kept
+/// while probes may still attach later in the run (`--native auto` before it triggers,
+/// `--blocks sampled`, whose windows re-attach their probes).
+pub fn attaching_keeps() -> u64 {
+    mask(&["CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON"])
+}
+
+/// Stopping a command started as another user (`run --user`).
+pub fn stopping_keeps() -> u64 {
+    mask(&["CAP_KILL"])
+}
+
+/// What the VM view's thread keeps: reading the node's environment, command line, sockets
+/// (CAP_SYS_PTRACE) and the cookie file its user owns (CAP_DAC_READ_SEARCH); entering a
+/// container's network namespace needs CAP_SYS_ADMIN (`setns`), kept only for such a node.
+pub fn vm_keeps(container: bool) -> u64 {
+    mask(&["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"])
+        | if container {
+            mask(&["CAP_SYS_ADMIN"])
+        } else {
+            0
+        }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets in two words.
+const CAP_V3: u32 = 0x2008_0522;
+
+/// Permitted and effective sets of the calling thread.
+fn thread_sets() -> std::io::Result<(u64, u64)> {
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: a v3 header and two data words, as capget(2) asks.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    Ok((
+        join(data[0].permitted, data[1].permitted),
+        join(data[0].effective, data[1].effective),
+    ))
+}
+
+/// Effective capabilities of the calling thread.
+pub fn thread_effective() -> u64 {
+    thread_sets().map_or(0, |(_, e)| e)
+}
+
+/// Reduces the calling thread's capabilities to `keep` (those of it it holds): permitted and
+/// effective sets, no inheritable or ambient ones, and the bounding set cut to match, so that
+/// nothing it runs later gets them back. Capabilities are per thread on Linux: threads created
+/// afterwards inherit the reduced sets, threads that exist already keep theirs (each drops its
+/// own). Returns the effective set now held.
+pub fn keep_only(keep: u64) -> std::io::Result<u64> {
+    let (permitted, _) = thread_sets()?;
+    let kept = keep & permitted;
+    for b in 0..64u64 {
+        if kept & (1 << b) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only. Bits the kernel does not know fail with
+        // EINVAL; without CAP_SETPCAP the bounding set stays (permitted still shrinks).
+        unsafe {
+            if libc::prctl(libc::PR_CAPBSET_READ, b as libc::c_ulong, 0, 0, 0) == 1 {
+                libc::prctl(libc::PR_CAPBSET_DROP, b as libc::c_ulong, 0, 0, 0);
+            }
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: kept as u32,
+            permitted: kept as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (kept >> 32) as u32,
+            permitted: (kept >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: a v3 header and two data words, as capset(2) asks.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(thread_effective())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capability_names_match_their_bits() {
+        assert_eq!(names(1 << 21), ["CAP_SYS_ADMIN"]);
+        assert_eq!(bit("CAP_BPF"), CAP_BPF.bit);
+        assert_eq!(bit("CAP_PERFMON"), CAP_PERFMON.bit);
+        assert_eq!(bit("CAP_SYS_PTRACE"), CAP_SYS_PTRACE.bit);
+        assert_eq!(
+            names(tracing_keeps()),
+            [
+                "CAP_DAC_READ_SEARCH",
+                "CAP_SYS_PTRACE",
+                "CAP_CHECKPOINT_RESTORE"
+            ]
+        );
+        assert_eq!(names(1 << 45), ["CAP_45"]);
+    }
+
+    #[test]
+    fn a_thread_drops_what_it_does_not_keep() {
+        // In a thread of its own: capabilities are per thread, the others keep theirs.
+        let before = thread_effective();
+        let (now, after_in_thread) = std::thread::spawn(|| {
+            let now = keep_only(mask(&["CAP_SYS_PTRACE"])).unwrap();
+            (now, thread_effective())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(now, after_in_thread);
+        assert_eq!(now, before & mask(&["CAP_SYS_PTRACE"]));
+        assert_eq!(
+            thread_effective(),
+            before,
+            "the calling thread keeps its own"
+        );
+    }
 
     fn set(caps: &[Capability]) -> u64 {
         caps.iter().fold(0, |s, c| s | (1 << c.bit))

@@ -10,7 +10,7 @@ use std::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::{
             ffi::OsStrExt,
-            fs::{DirBuilderExt, MetadataExt},
+            fs::{DirBuilderExt, MetadataExt, PermissionsExt},
         },
     },
     path::{Path, PathBuf},
@@ -20,7 +20,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::TraceConfig,
+    config::{OutMode, TraceConfig},
     error::Error,
     recording::{Census, Recording, Sample},
     units::human_bytes,
@@ -414,6 +414,25 @@ pub fn to_markdown(report: &Report) -> String {
     for n in &r.source_notes {
         let _ = writeln!(o, "- note: {}", md(n));
     }
+    if !r.privileges.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### Privileges\n\n| from | phase | capabilities held |\n|---:|---|---|"
+        );
+        for p in &r.privileges {
+            let _ = writeln!(
+                o,
+                "| {:.1} s | {} | {} |",
+                p.at_s,
+                md(&p.phase),
+                if p.held.is_empty() {
+                    "none".to_owned()
+                } else {
+                    md(&p.held.join(", "))
+                }
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "\n### Probes\n\n| program | symbol | attached | hits |\n|---|---|---|---:|"
@@ -730,28 +749,97 @@ fn files_markdown(o: &mut String, r: &Recording) {
 /// The value that replaces a secret on a command line.
 pub const REDACTED: &str = "<redacted>";
 
+/// Flags whose value is a secret: leaktrace's `--cookie`, erl's `-setcookie` (also
+/// `-setcookie NODE COOKIE`, which sets the cookie for talking to NODE) and its GNU spelling.
+const SECRET_FLAGS: [&str; 3] = ["--cookie", "-setcookie", "--setcookie"];
+
+/// Whether an environment variable of this name holds a secret (`RELEASE_COOKIE`,
+/// `ERLANG_COOKIE`, `*_PASSWORD`, `*_TOKEN`, `*_SECRET`, ...).
+fn secret_variable(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    [
+        "COOKIE",
+        "PASSWORD",
+        "PASSWD",
+        "SECRET",
+        "TOKEN",
+        "CREDENTIAL",
+        "API_KEY",
+    ]
+    .iter()
+    .any(|w| upper.contains(w))
+}
+
 /// `args` with secrets replaced by [`REDACTED`]: the value of leaktrace's `--cookie` (as
-/// `--cookie X` or `--cookie=X`) and of erl's `-setcookie` (a `leaktrace run -- erl ...`
-/// command). The command line goes into recordings and reports that are shared; the cookie
-/// gives control of the node.
+/// `--cookie X` or `--cookie=X`), of erl's `-setcookie COOKIE` and `-setcookie NODE COOKIE`,
+/// and of secret environment assignments (`RELEASE_COOKIE=X`, `env DB_PASSWORD=X erl ...`).
+/// An argument that is itself a command (`sh -c "erl -setcookie X"`, `ERL_AFLAGS=-setcookie X`)
+/// is redacted word by word. The command line goes into recordings and reports that are
+/// shared; the cookie gives control of the node.
 pub fn redact_command_line<S: AsRef<str>>(args: &[S]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut secret_next = false;
-    for a in args {
-        let a = a.as_ref();
-        if secret_next {
-            out.push(REDACTED.to_owned());
-            secret_next = false;
-        } else if a == "--cookie" || a == "-setcookie" || a == "--setcookie" {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    redact_words(&args, 0)
+}
+
+fn redact_words(args: &[&str], depth: u32) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if SECRET_FLAGS.contains(&a) {
             out.push(a.to_owned());
-            secret_next = true;
-        } else if let Some((flag, _)) = a.split_once('=')
-            && (flag == "--cookie" || flag == "-setcookie" || flag == "--setcookie")
+            // `--cookie X` takes the next argument whatever it is; `-setcookie COOKIE` and
+            // `-setcookie NODE COOKIE` take the values up to the next flag: all redacted (the
+            // node name costs nothing to lose).
+            let values = if a == "--cookie" {
+                usize::from(i < args.len())
+            } else {
+                args[i..]
+                    .iter()
+                    .take_while(|v| !v.starts_with('-'))
+                    .take(2)
+                    .count()
+            };
+            out.extend(std::iter::repeat_n(REDACTED.to_owned(), values));
+            i += values;
+            continue;
+        }
+        if let Some((flag, _)) = a.split_once('=')
+            && SECRET_FLAGS.contains(&flag)
         {
             out.push(format!("{flag}={REDACTED}"));
-        } else {
-            out.push(a.to_owned());
+            continue;
         }
+        if let Some((name, value)) = a.split_once('=')
+            && !name.is_empty()
+            && !name.starts_with('-')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            if secret_variable(name) {
+                out.push(format!("{name}={REDACTED}"));
+            } else if value.contains(char::is_whitespace) && depth < 4 {
+                // `ERL_AFLAGS=-setcookie X`: a variable holding more arguments.
+                let words: Vec<&str> = value.split_whitespace().collect();
+                out.push(format!(
+                    "{name}={}",
+                    redact_words(&words, depth + 1).join(" ")
+                ));
+            } else {
+                out.push(a.to_owned());
+            }
+            continue;
+        }
+        if a.contains(char::is_whitespace) && depth < 4 {
+            // A command in one argument (`sh -c "..."`).
+            let words: Vec<&str> = a.split_whitespace().collect();
+            let redacted = redact_words(&words, depth + 1);
+            if redacted.iter().zip(&words).any(|(r, w)| r != w) {
+                out.push(redacted.join(" "));
+                continue;
+            }
+        }
+        out.push(a.to_owned());
     }
     out
 }
@@ -800,7 +888,7 @@ pub fn terminal_summary(report: &Report) -> String {
 /// that the directory never holds half a bundle. `.hgrm` tables of an earlier bundle that this
 /// one does not rewrite are removed (the directory describes one run). `dir` is created (0755)
 /// when missing.
-pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
+pub fn write_dir(report: &Report, dir: &Path, mode: OutMode) -> Result<(), Error> {
     let fail = |e: WriteError| Error::Write {
         what: "the report",
         flag: "--out",
@@ -829,7 +917,7 @@ pub fn write_dir(report: &Report, dir: &Path) -> Result<(), Error> {
         ))
     })?;
     files.extend(bundle.into_iter().map(|f| (f.name, f.contents)));
-    let out = OutDir::create(dir).map_err(fail)?;
+    let out = OutDir::create(dir, mode).map_err(fail)?;
     for name in REPORT_FILES {
         out.check_destination(OsStr::new(name)).map_err(fail)?;
     }
@@ -860,11 +948,11 @@ const REPORT_FILES: [&str; 8] = crate::bundle::FIXED_FILES;
 /// probe file can be created and removed in it, and no destination is a symbolic link or other
 /// than a regular file. Creates nothing that stays.
 pub fn check_writable(cfg: &TraceConfig) -> Result<(), Error> {
-    check_paths(cfg.out.as_deref(), cfg.record.as_deref())
+    check_paths(cfg.out.as_deref(), cfg.record.as_deref(), cfg.out_mode)
 }
 
 /// [`check_writable`] of `--out` and `--record`.
-fn check_paths(out: Option<&Path>, record: Option<&Path>) -> Result<(), Error> {
+fn check_paths(out: Option<&Path>, record: Option<&Path>, mode: OutMode) -> Result<(), Error> {
     if let Some(file) = record {
         let fail = |e: WriteError| Error::Write {
             what: "the recording",
@@ -873,7 +961,7 @@ fn check_paths(out: Option<&Path>, record: Option<&Path>) -> Result<(), Error> {
             reason: e.to_string(),
         };
         let (dir, name) = split_file(file).map_err(fail)?;
-        let dir = OutDir::open(&dir, false).map_err(fail)?;
+        let dir = OutDir::open(&dir, false, mode).map_err(fail)?;
         dir.check_destination(&name).map_err(fail)?;
         dir.probe().map_err(fail)?;
     }
@@ -886,7 +974,8 @@ fn check_paths(out: Option<&Path>, record: Option<&Path>) -> Result<(), Error> {
         };
         match fs::symlink_metadata(out) {
             Ok(_) => {
-                let dir = OutDir::open(out, true).map_err(fail)?;
+                let dir = OutDir::open(out, true, mode).map_err(fail)?;
+                dir.check_owner().map_err(fail)?;
                 for name in REPORT_FILES {
                     dir.check_destination(OsStr::new(name)).map_err(fail)?;
                 }
@@ -908,7 +997,7 @@ fn check_paths(out: Option<&Path>, record: Option<&Path>) -> Result<(), Error> {
                         break;
                     }
                 }
-                OutDir::open(ancestor, false)
+                OutDir::open(ancestor, false, mode)
                     .and_then(|d| d.probe())
                     .map_err(fail)?;
             }
@@ -921,9 +1010,9 @@ fn check_paths(out: Option<&Path>, record: Option<&Path>) -> Result<(), Error> {
 /// Writes `contents` to `path` atomically (a temporary file beside it, synced, renamed over it),
 /// never through a symbolic link at `path` (refused, as is anything but a regular file there).
 /// The directory must exist.
-pub fn write_file(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
+pub fn write_file(path: &Path, contents: &[u8], mode: OutMode) -> Result<(), WriteError> {
     let (dir, name) = split_file(path)?;
-    let dir = OutDir::open(&dir, false)?;
+    let dir = OutDir::open(&dir, false, mode)?;
     dir.check_destination(&name)?;
     dir.write_atomic(&name, contents)
 }
@@ -935,6 +1024,8 @@ pub enum WriteError {
     Symlink(PathBuf),
     /// Something other than what is needed: (path, what it is, what it must be).
     NotA(PathBuf, &'static str, &'static str),
+    /// An existing directory another user owns: (path, its owner, ours).
+    NotOurs(PathBuf, u32, u32),
     /// The path names no file (`/`, `..`).
     NoFileName(PathBuf),
     /// The system said no.
@@ -953,6 +1044,11 @@ impl std::fmt::Display for WriteError {
                 write!(f, "{} is {is}, not {must}", p.display())
             }
             WriteError::NoFileName(p) => write!(f, "{} names no file", p.display()),
+            WriteError::NotOurs(p, owner, us) => write!(
+                f,
+                "{} exists and belongs to uid {owner}, not to uid {us} that leaktrace runs as: its owner could read the report or swap its files; choose a new directory (leaktrace creates it) or one of your own",
+                p.display()
+            ),
             WriteError::Io(p, e) if e.kind() == io::ErrorKind::NotFound => {
                 write!(f, "{} does not exist ({e})", p.display())
             }
@@ -1001,11 +1097,13 @@ fn c_name(path: &Path, name: &OsStr) -> Result<CString, WriteError> {
 struct OutDir {
     fd: OwnedFd,
     path: PathBuf,
+    /// Mode of the files created in it.
+    mode: OutMode,
 }
 
 impl OutDir {
     /// Opens `path` as a directory; with `nofollow`, a symbolic link there is refused.
-    fn open(path: &Path, nofollow: bool) -> Result<OutDir, WriteError> {
+    fn open(path: &Path, nofollow: bool, mode: OutMode) -> Result<OutDir, WriteError> {
         let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
             WriteError::Io(
                 path.to_path_buf(),
@@ -1034,12 +1132,32 @@ impl OutDir {
             // SAFETY: fd is a fresh descriptor nothing else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             path: path.to_path_buf(),
+            mode,
         })
     }
 
-    /// `--out DIR`: DIR created (0755, with its parents) when missing; a symbolic link or a
-    /// non-directory there is refused.
-    fn create(path: &Path) -> Result<OutDir, WriteError> {
+    /// Refuses a directory another user owns: whoever owns it can read what is written there
+    /// whatever the files' modes (by replacing them), and the report is the operator's.
+    fn check_owner(&self) -> Result<(), WriteError> {
+        let meta = File::from(
+            self.fd
+                .try_clone()
+                .map_err(|e| WriteError::Io(self.path.clone(), e))?,
+        )
+        .metadata()
+        .map_err(|e| WriteError::Io(self.path.clone(), e))?;
+        // SAFETY: geteuid has no preconditions.
+        let us = unsafe { libc::geteuid() };
+        if meta.uid() != us {
+            return Err(WriteError::NotOurs(self.path.clone(), meta.uid(), us));
+        }
+        Ok(())
+    }
+
+    /// `--out DIR`: DIR created (the mode's directory mode, 0700 by default, with its parents)
+    /// when missing; a symbolic link, a non-directory or another user's directory there is
+    /// refused.
+    fn create(path: &Path, mode: OutMode) -> Result<OutDir, WriteError> {
         match fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(WriteError::Symlink(path.to_path_buf()));
@@ -1055,13 +1173,15 @@ impl OutDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::DirBuilder::new()
                     .recursive(true)
-                    .mode(0o755)
+                    .mode(mode.dir())
                     .create(path)
                     .map_err(|e| WriteError::Io(path.to_path_buf(), e))?;
             }
             Err(e) => return Err(WriteError::Io(path.to_path_buf(), e)),
         }
-        OutDir::open(path, true)
+        let dir = OutDir::open(path, true, mode)?;
+        dir.check_owner()?;
+        Ok(dir)
     }
 
     /// `st_mode` of `name` in the directory, not following a symbolic link; None if absent.
@@ -1102,7 +1222,7 @@ impl OutDir {
         }
     }
 
-    /// A new file of mode 0644 in the directory, named after `stem`: created exclusively and
+    /// A new file of the directory's file mode in it, named after `stem`: created exclusively and
     /// without following a symbolic link, so it is never a file someone else prepared.
     fn create_temp(&self, stem: &OsStr) -> Result<(CString, File), WriteError> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -1126,12 +1246,15 @@ impl OutDir {
                         | libc::O_EXCL
                         | libc::O_NOFOLLOW
                         | libc::O_CLOEXEC,
-                    0o644 as libc::c_uint,
+                    self.mode.file() as libc::c_uint,
                 )
             };
             if fd >= 0 {
                 // SAFETY: fd is a fresh descriptor nothing else owns.
-                return Ok((c, File::from(unsafe { OwnedFd::from_raw_fd(fd) })));
+                let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                // The umask may have taken bits the operator asked for (--out-mode 0644).
+                let _ = file.set_permissions(fs::Permissions::from_mode(self.mode.file()));
+                return Ok((c, file));
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::AlreadyExists {
@@ -1239,17 +1362,19 @@ mod write_tests {
     }
 
     #[test]
-    fn files_are_replaced_whole_with_mode_0644_and_no_temporary_left() {
+    fn files_are_replaced_whole_with_mode_0600_and_no_temporary_left() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("rec.json");
         fs::write(&file, "old, longer than the new").unwrap();
-        write_file(&file, b"new").unwrap();
+        write_file(&file, b"new", OutMode::default()).unwrap();
         assert_eq!(fs::read_to_string(&file).unwrap(), "new");
-        // 0644 before the umask: never group- or world-writable, and readable by its owner.
+        // The operator's alone by default; --out-mode 0644 shares it.
         let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & 0o133, 0, "{mode:o}");
-        assert_eq!(mode & 0o600, 0o600, "{mode:o}");
+        assert_eq!(mode, 0o600, "{mode:o}");
         assert_eq!(names(tmp.path()), ["rec.json"]);
+        write_file(&file, b"shared", OutMode::parse("0644").unwrap()).unwrap();
+        let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{mode:o}");
     }
 
     #[test]
@@ -1259,20 +1384,24 @@ mod write_tests {
         fs::write(&victim, "precious").unwrap();
         let link = tmp.path().join("rec.json");
         symlink(&victim, &link).unwrap();
-        let err = write_file(&link, b"new").unwrap_err().to_string();
+        let err = write_file(&link, b"new", OutMode::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rec.json is a symbolic link"), "{err}");
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
         // A dangling one too (it would create the file it points to).
         let dangling = tmp.path().join("dangling.json");
         symlink(tmp.path().join("nowhere"), &dangling).unwrap();
         assert!(matches!(
-            write_file(&dangling, b"x"),
+            write_file(&dangling, b"x", OutMode::default()),
             Err(WriteError::Symlink(_))
         ));
         assert!(!tmp.path().join("nowhere").exists());
         let dir = tmp.path().join("a_dir");
         fs::create_dir(&dir).unwrap();
-        let err = write_file(&dir, b"x").unwrap_err().to_string();
+        let err = write_file(&dir, b"x", OutMode::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("a_dir is a directory, not a regular file"),
             "{err}"
@@ -1288,13 +1417,17 @@ mod write_tests {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path();
         // Fine: an existing directory, a directory to create, a file in an existing directory.
-        check_paths(Some(base), Some(&base.join("rec.json"))).unwrap();
-        check_paths(Some(&base.join("new/deeper")), None).unwrap();
+        check_paths(Some(base), Some(&base.join("rec.json")), OutMode::default()).unwrap();
+        check_paths(Some(&base.join("new/deeper")), None, OutMode::default()).unwrap();
         assert!(names(base).is_empty(), "{:?}", names(base));
         // A --record directory that does not exist.
-        let err = check_paths(None, Some(&base.join("missing/rec.json")))
-            .unwrap_err()
-            .to_string();
+        let err = check_paths(
+            None,
+            Some(&base.join("missing/rec.json")),
+            OutMode::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with(&format!(
                 "could not write the recording to {}",
@@ -1306,18 +1439,20 @@ mod write_tests {
         // --out under a regular file, --out a regular file, --out a symlink.
         fs::write(base.join("file"), "").unwrap();
         for out in [base.join("file/out"), base.join("file")] {
-            let err = check_paths(Some(&out), None).unwrap_err().to_string();
+            let err = check_paths(Some(&out), None, OutMode::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("is a regular file, not a directory"), "{err}");
         }
         symlink(base, base.join("link")).unwrap();
-        let err = check_paths(Some(&base.join("link")), None)
+        let err = check_paths(Some(&base.join("link")), None, OutMode::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("link is a symbolic link"), "{err}");
         // A symlink already planted at report.md.
         fs::create_dir(base.join("out")).unwrap();
         symlink(base.join("file"), base.join("out/report.md")).unwrap();
-        let err = check_paths(Some(&base.join("out")), None)
+        let err = check_paths(Some(&base.join("out")), None, OutMode::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("report.md is a symbolic link"), "{err}");
@@ -1327,7 +1462,7 @@ mod write_tests {
             let ro = base.join("ro");
             fs::create_dir(&ro).unwrap();
             fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
-            let err = check_paths(None, Some(&ro.join("rec.json")))
+            let err = check_paths(None, Some(&ro.join("rec.json")), OutMode::default())
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("Permission denied"), "{err}");

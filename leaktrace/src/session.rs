@@ -92,7 +92,11 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
             };
             sample_loop(traced, tracer, cfg).await
         }
-        Launch::Run { command, beam } => {
+        Launch::Run {
+            command,
+            beam,
+            user,
+        } => {
             privilege::require()?;
             let beam = match beam {
                 Some(b) => b.clone(),
@@ -105,7 +109,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                 });
             }
             let (symbols, mut tracer) = prepare(&beam, &beam)?;
-            let held = HeldChild::spawn(command, cfg.json)?;
+            let held = HeldChild::spawn(command, cfg.json, user.as_ref())?;
             let pid = held.child.id();
             let _lock = TargetLock::acquire(pid)?;
             // The per-process perf event stays with the task across exec, so probes placed on
@@ -576,6 +580,76 @@ struct Learned {
     tries_left: u32,
 }
 
+/// Whether probes may still be placed later in the run: the native probes of `--native auto`
+/// before they trigger, block probes not yet found a place, and `--blocks sampled`, whose
+/// windows take their probes out and put them back.
+fn attach_pending(native: &NativeProbes, blocks: &BlockProbes) -> bool {
+    let native_pending = native.mode == NativeMode::Auto && native.ledger.is_none();
+    let blocks_pending = blocks.wanted
+        && ((blocks.ledger.is_none() && blocks.tries_left > 0)
+            || (blocks.sampled && blocks.detached_at_s.is_none()));
+    native_pending || blocks_pending
+}
+
+/// The capabilities the run holds, phase by phase: every one at attach, then only what
+/// reading the target and placing later probes need (see [`privilege::tracing_keeps`]).
+struct Privileges {
+    phases: Vec<crate::recording::PrivilegePhase>,
+    /// Effective set of the tracing thread now.
+    held: u64,
+}
+
+impl Privileges {
+    /// Records what the run starts with, and what the VM view's thread keeps (it gives up
+    /// the rest itself when it starts, see [`crate::vm::view::VmWorker::spawn`]).
+    fn new(pid: u32, vm: bool) -> Privileges {
+        let held = privilege::thread_effective();
+        let mut phases = vec![crate::recording::PrivilegePhase {
+            phase: "attach".into(),
+            at_s: 0.0,
+            held: privilege::names(held),
+        }];
+        if vm {
+            let container = crate::namespace::is_other(pid, "net") == Some(true);
+            phases.push(crate::recording::PrivilegePhase {
+                phase: "VM view thread".into(),
+                at_s: 0.0,
+                held: privilege::names(held & privilege::vm_keeps(container)),
+            });
+        }
+        Privileges { phases, held }
+    }
+
+    /// Keeps only what reading the target needs, plus what attaching needs while
+    /// `attach_pending`; a phase is recorded when the set changes.
+    fn settle(&mut self, phase: &str, t_s: f64, attach_pending: bool) {
+        let keep = privilege::tracing_keeps()
+            | if attach_pending {
+                privilege::attaching_keeps()
+            } else {
+                0
+            };
+        if self.held & !keep == 0 {
+            return;
+        }
+        match privilege::keep_only(keep) {
+            Ok(held) => {
+                self.held = held;
+                self.phases.push(crate::recording::PrivilegePhase {
+                    phase: if attach_pending {
+                        format!("{phase} (probes may still attach)")
+                    } else {
+                        format!("{phase} (every probe placed)")
+                    },
+                    at_s: t_s,
+                    held: privilege::names(held),
+                });
+            }
+            Err(e) => log::warn!("cannot give up capabilities no longer needed: {e}"),
+        }
+    }
+}
+
 /// How many drains (50 ms apart) the image is looked for: ten seconds.
 const LEARN_TRIES: u32 = 200;
 
@@ -650,6 +724,7 @@ async fn sample_loop(
     learned.learn(&traced, &mut ledger);
 
     let start = Instant::now();
+    let mut privileges = Privileges::new(traced.pid, cfg.vm.is_some());
     let mut vm = VmWorker::spawn(traced.pid, cfg.vm.as_ref(), start);
 
     // The baseline after the first drain: carriers made between attach and now are in both
@@ -674,6 +749,13 @@ async fn sample_loop(
     if cfg.native == NativeMode::On {
         native.attach(&traced, &mut tracer, 0.0, "--native on".into());
     }
+    // The probes this run needs are placed (or wait for a trigger): what is not needed from
+    // here on is given up.
+    privileges.settle(
+        "tracing",
+        start.elapsed().as_secs_f64(),
+        attach_pending(&native, &blocks),
+    );
     // The live view (crate::live) on a terminal, from the first sample on; nothing per sample
     // when stderr is not a terminal.
     let progress = cfg.progress && std::io::stderr().is_terminal();
@@ -724,6 +806,7 @@ async fn sample_loop(
                 {
                     native.attach(&traced, &mut tracer, t_s, reason);
                 }
+                privileges.settle("tracing", t_s, attach_pending(&native, &blocks));
                 fill_vm_figures(&mut samples, vm.take_figures());
                 if progress {
                     let screen = live_screen.get_or_insert_with(live::Screen::enter);
@@ -886,6 +969,7 @@ async fn sample_loop(
         native: native_evidence,
         blocks: block_evidence,
         histograms,
+        privileges: privileges.phases,
         command_line: crate::report::redact_command_line(
             &std::env::args().collect::<Vec<String>>(),
         ),

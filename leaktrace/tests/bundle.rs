@@ -20,6 +20,7 @@ use hdrhistogram::{
 };
 use leaktrace::{
     bundle::{self, FIXED_FILES, pprof::Profile},
+    config::OutMode,
     recording::{
         Recording,
         histograms::HistogramUnit,
@@ -144,7 +145,7 @@ fn write(report: &Report, name: &str) -> PathBuf {
         .join("bundle")
         .join(name);
     let _ = fs::remove_dir_all(&dir);
-    report::write_dir(report, &dir).unwrap();
+    report::write_dir(report, &dir, OutMode::default()).unwrap();
     dir
 }
 
@@ -509,7 +510,9 @@ fn symlinks_at_any_bundle_file_are_refused_before_anything_is_written() {
         let victim = base.join("victim");
         fs::write(&victim, "precious").unwrap();
         std::os::unix::fs::symlink(&victim, out.join(planted)).unwrap();
-        let err = report::write_dir(&report, &out).unwrap_err().to_string();
+        let err = report::write_dir(&report, &out, OutMode::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(&format!("{planted} is a symbolic link")),
             "{planted}: {err}"
@@ -525,10 +528,67 @@ fn a_bundle_replaces_an_older_one_whole() {
     let dir = write(&Report::new(rec), "replaced");
     assert!(names_in(&dir).iter().any(|n| n.ends_with(".hgrm")));
     // The same directory, a run without histograms: no stale table stays.
-    report::write_dir(&Report::new(recording("healthy.json")), &dir).unwrap();
+    report::write_dir(
+        &Report::new(recording("healthy.json")),
+        &dir,
+        OutMode::default(),
+    )
+    .unwrap();
     let mut fixed = FIXED_FILES.to_vec();
     fixed.sort();
     assert_eq!(names_in(&dir), fixed);
+}
+
+#[test]
+fn report_files_are_the_operators_alone_and_a_foreign_directory_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bundle-modes");
+    let _ = fs::remove_dir_all(&base);
+    fs::create_dir_all(&base).unwrap();
+    let report = Report::new(recording("healthy.json"));
+    let mode_of = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // Default: the directory created 0700, every file 0600.
+    let dir = base.join("private/deeper");
+    report::write_dir(&report, &dir, OutMode::default()).unwrap();
+    assert_eq!(mode_of(&dir), 0o700, "{}", dir.display());
+    for name in names_in(&dir) {
+        assert_eq!(mode_of(&dir.join(&name)), 0o600, "{name}");
+    }
+    // --out-mode 0644 shares them: directory 0755.
+    let shared = base.join("shared");
+    report::write_dir(&report, &shared, OutMode::parse("0644").unwrap()).unwrap();
+    assert_eq!(mode_of(&shared), 0o755);
+    assert_eq!(mode_of(&shared.join("report.md")), 0o644);
+    for bad in ["0666", "0400", "1777", "rw", "0o600"] {
+        assert!(OutMode::parse(bad).is_err(), "{bad} accepted");
+    }
+    // An existing directory another user owns is refused, and nothing is written in it.
+    let foreign = base.join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    if fs::metadata(&foreign).unwrap().uid() == 65534 {
+        let err = report::write_dir(&report, &foreign, OutMode::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("belongs to uid 65534") && err.contains("choose a new directory"),
+            "{err}"
+        );
+        assert!(names_in(&foreign).is_empty(), "{:?}", names_in(&foreign));
+        // The command line refuses it before attaching: exit 2, nothing written.
+        let out = Command::new(LEAKTRACE)
+            .args(["report", "--out"])
+            .arg(&foreign)
+            .arg(recording_path("healthy.json"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("belongs to uid 65534"), "{stderr}");
+        assert!(names_in(&foreign).is_empty());
+    } else {
+        eprintln!("not root: the foreign-directory case needs chown");
+    }
 }
 
 #[test]
@@ -559,6 +619,41 @@ fn the_cookie_is_redacted_in_every_form() {
             "<redacted>",
             "--cookie"
         ]
+    );
+    // The two-argument form, secret variables, and commands inside one argument.
+    let args = [
+        "leaktrace",
+        "run",
+        "--",
+        "env",
+        "RELEASE_COOKIE=s1",
+        "ERL_AFLAGS=-setcookie s2 -sname x",
+        "DB_PASSWORD=s3",
+        "sh",
+        "-c",
+        "erl -setcookie other@h s4 -sname app",
+        "erl",
+        "-setcookie",
+        "peer@host",
+        "s5",
+        "-sname",
+        "app",
+    ];
+    let out = report::redact_command_line(&args);
+    let joined = out.join(" ");
+    for secret in ["s1", "s2", "s3", "s4", "s5"] {
+        assert!(
+            !out.iter()
+                .any(|w| w.split_whitespace().any(|t| t.ends_with(secret))),
+            "{secret} left in {joined}"
+        );
+    }
+    assert_eq!(out[4], "RELEASE_COOKIE=<redacted>");
+    assert_eq!(out[5], "ERL_AFLAGS=-setcookie <redacted> -sname x");
+    assert_eq!(out[9], "erl -setcookie <redacted> <redacted> -sname app");
+    assert_eq!(
+        &out[11..],
+        ["-setcookie", "<redacted>", "<redacted>", "-sname", "app"]
     );
 }
 
@@ -601,7 +696,7 @@ fn diff_says_whether_the_leak_is_gone() {
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&base).unwrap();
     let (a, b) = (base.join("before"), base.join("after.json"));
-    report::write_dir(&Report::new(before), &a).unwrap();
+    report::write_dir(&Report::new(before), &a, OutMode::default()).unwrap();
     after.write(&b).unwrap();
 
     let (code, out, err) = diff(&a, &b, false);

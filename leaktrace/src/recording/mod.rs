@@ -132,6 +132,21 @@ pub struct Recording {
     /// leaktrace's own command line, secrets removed ([`crate::report::redact_command_line`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command_line: Vec<String>,
+    /// The capabilities leaktrace held, phase by phase (every one at attach, then only what
+    /// the rest of the run needs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub privileges: Vec<PrivilegePhase>,
+}
+
+/// The capabilities held from one point of a run on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivilegePhase {
+    /// What the run was doing ("attach", "tracing (every probe placed)", "VM view thread").
+    pub phase: String,
+    /// Seconds since attach.
+    pub at_s: f64,
+    /// Effective capabilities, by name.
+    pub held: Vec<String>,
 }
 
 /// The traced process.
@@ -469,8 +484,13 @@ impl Recording {
     /// Writes the recording as JSON, atomically (a temporary file beside `path`, synced, then
     /// renamed over it) and never through a symbolic link at `path`.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
+        self.write_with_mode(path, crate::config::OutMode::default())
+    }
+
+    /// [`Recording::write`] with the file mode of `--out-mode`.
+    pub fn write_with_mode(&self, path: &Path, mode: crate::config::OutMode) -> Result<(), Error> {
         let text = serde_json::to_string_pretty(self).expect("a recording always serializes");
-        crate::report::write_file(path, text.as_bytes()).map_err(|e| Error::Write {
+        crate::report::write_file(path, text.as_bytes(), mode).map_err(|e| Error::Write {
             what: "the recording",
             flag: "--record",
             path: path.to_path_buf(),

@@ -377,6 +377,10 @@ struct ArgSource {
     place: String,
     kind: SourceKind,
     args: Vec<String>,
+    /// Whether the node's own user could have written these arguments: its command line and
+    /// environment, or an args file it owns. A cookie is taken only from such a source: a
+    /// root-only file the node names is not the node's to hand to leaktrace.
+    node_owned: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,17 +433,19 @@ fn all_flag_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
 
 /// The node's start-up arguments from its command line, `ERL_AFLAGS`/`ERL_FLAGS`/`ERL_ZFLAGS`,
 /// and any `-args_file` those name (and those files name, one level deep). `read_file` reads
-/// an args file named by the target (safely); its refusal is kept in `problems`.
+/// an args file named by the target (safely) and says whether the node's user owns it; its
+/// refusal is kept in `problems`.
 fn start_args(
     cmdline: &[String],
     env: &[(String, String)],
-    mut read_file: impl FnMut(&str) -> Result<Vec<u8>, Refusal>,
+    mut read_file: impl FnMut(&str) -> Result<(Vec<u8>, bool), Refusal>,
     problems: &mut Vec<String>,
 ) -> Vec<ArgSource> {
     let mut sources = vec![ArgSource {
         place: "the command line".into(),
         kind: SourceKind::CommandLine,
         args: cmdline.to_vec(),
+        node_owned: true,
     }];
     for var in FLAG_VARS {
         if let Some(v) = env_get(env, var) {
@@ -447,6 +453,7 @@ fn start_args(
                 place: format!("{var} in the node's environment"),
                 kind: SourceKind::Variable,
                 args: v.split_whitespace().map(str::to_owned).collect(),
+                node_owned: true,
             });
         }
     }
@@ -466,10 +473,11 @@ fn start_args(
             }
             let shown = epmd::printable(&f);
             match read_file(&f) {
-                Ok(raw) => sources.push(ArgSource {
+                Ok((raw, node_owned)) => sources.push(ArgSource {
                     place: format!("args file {shown} (-args_file)"),
                     kind: SourceKind::ArgsFile,
                     args: parse_args_file(&String::from_utf8_lossy(&raw)),
+                    node_owned,
                 }),
                 Err(why) => problems.push(format!("args file {shown} {why}")),
             }
@@ -510,6 +518,7 @@ pub fn node_from_cmdline(cmdline: &[String], hostname: &str) -> Option<String> {
         place: "the command line".into(),
         kind: SourceKind::CommandLine,
         args: cmdline.to_vec(),
+        node_owned: true,
     }];
     name_from_sources(&sources, hostname).map(|(_, name, _)| name)
 }
@@ -530,20 +539,30 @@ impl TargetFs {
         }
     }
 
-    fn read_args_file(&self, f: &str) -> Result<Vec<u8>, Refusal> {
+    /// An args file and whether the node's user owns it (else root does). Each answer comes
+    /// from one safe read, so a file swapped between the two reads is still judged by what was
+    /// read.
+    fn read_args_file(&self, f: &str) -> Result<(Vec<u8>, bool), Refusal> {
         let uid = self
             .uid
             .ok_or("cannot be checked: the node's uid is unknown")?;
-        read_in_root(
-            &self.root,
-            Some(&self.cwd),
-            Path::new(f),
-            FileRule {
-                owners: &[uid, 0],
-                node_uid: uid,
-                cap: ARGS_FILE_CAP,
-            },
-        )
+        let read = |owners: &[u32]| {
+            read_in_root(
+                &self.root,
+                Some(&self.cwd),
+                Path::new(f),
+                FileRule {
+                    owners,
+                    node_uid: uid,
+                    cap: ARGS_FILE_CAP,
+                },
+            )
+        };
+        match read(&[uid]) {
+            Ok(raw) => Ok((raw, true)),
+            Err(why) if why.contains("is owned by uid") => read(&[0]).map(|raw| (raw, false)),
+            Err(why) => Err(why),
+        }
     }
 }
 
@@ -607,6 +626,47 @@ pub fn listen_ports(pid: u32) -> std::io::Result<BTreeSet<u16>> {
         return Err(std::io::Error::other("no /proc/PID/net/tcp table"));
     }
     Ok(ports)
+}
+
+/// Most processes looked at for the owner of a port.
+const PROCESS_SCAN_CAP: usize = 1 << 20;
+
+/// The processes of this network namespace with a socket listening on TCP `port`: who serves a
+/// node named by the operator alone (`vm --node NAME`), so that the same rules as for a PID
+/// apply to it (its cookie from what its own user can read; a name answered by some other
+/// process is not trusted).
+pub fn pids_listening_on(port: u16) -> std::io::Result<Vec<u32>> {
+    let mut inodes = HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(f) = File::open(format!("/proc/self/net/{table}")) else {
+            continue;
+        };
+        for line in BufReader::new(f).lines().take(TCP_ROWS_CAP) {
+            if let Some((p, inode)) = parse_tcp_row(&line?)
+                && p == port
+                && inode != 0
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    if inodes.is_empty() {
+        return Ok(pids);
+    }
+    for entry in fs::read_dir("/proc")?.take(PROCESS_SCAN_CAP).flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if socket_inodes(pid).is_ok_and(|own| !own.is_disjoint(&inodes)) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
 }
 
 fn epmd_port_of(env: &[(String, String)]) -> u16 {
@@ -934,6 +994,13 @@ pub fn find_cookie(
     let sources = start_args(&cmdline, &env, |f| fs.read_args_file(f), &mut refused);
     for s in &sources {
         if let Some(c) = setcookie(&s.args) {
+            if !s.node_owned {
+                refused.push(format!(
+                    "the -setcookie in {} is not used: that file belongs to root, not to the node's user, who may not even be able to read it",
+                    s.place
+                ));
+                continue;
+            }
             let src = match s.kind {
                 SourceKind::CommandLine => CookieSource::CommandLine,
                 SourceKind::Variable => CookieSource::FlagsVariable,
@@ -1042,12 +1109,16 @@ mod tests {
             "ERL_ZFLAGS".to_owned(),
             "-args_file /etc/app/vm.args".to_owned(),
         )];
-        let read = |f: &str| -> Result<Vec<u8>, Refusal> {
+        let read = |f: &str| -> Result<(Vec<u8>, bool), Refusal> {
             match f {
-                "/etc/app/vm.args" => {
-                    Ok(b"# comment -sname no\n-args_file nested.args\n-noshell # x\n".to_vec())
-                }
-                "nested.args" => Ok(b"-name app@host.example\n-setcookie Node other\n".to_vec()),
+                "/etc/app/vm.args" => Ok((
+                    b"# comment -sname no\n-args_file nested.args\n-noshell # x\n".to_vec(),
+                    true,
+                )),
+                "nested.args" => Ok((
+                    b"-name app@host.example\n-setcookie Node other\n".to_vec(),
+                    true,
+                )),
                 "/missing" => Err("does not exist".into()),
                 _ => panic!("unexpected {f}"),
             }

@@ -340,9 +340,43 @@ pub fn group_processes(
     out
 }
 
+/// What a report keeps of a port's name: the driver (`tcp_inet`, `efile`) or the program a
+/// spawned port runs, without its arguments or environment assignments, which may carry
+/// credentials (`sh -c "curl -u user:password ..."`, `PGPASSWORD=x psql`).
+pub fn port_program(name: &str) -> String {
+    let mut words = name.split_whitespace();
+    let program = words.by_ref().find(|w| {
+        !w.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+    });
+    match program {
+        Some(p) if p.len() == name.len() => p.to_owned(),
+        Some(p) => format!("{p} (arguments not recorded)"),
+        None if name.trim().is_empty() => String::new(),
+        None => "(command not recorded)".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_names_keep_the_program_only() {
+        assert_eq!(port_program("tcp_inet"), "tcp_inet");
+        assert_eq!(port_program("/usr/bin/cat"), "/usr/bin/cat");
+        assert_eq!(
+            port_program("sh -c 'curl -u admin:hunter2 http://x'"),
+            "sh (arguments not recorded)"
+        );
+        assert_eq!(
+            port_program("PGPASSWORD=hunter2 psql -h db"),
+            "psql (arguments not recorded)"
+        );
+        assert_eq!(port_program("TOKEN=hunter2"), "(command not recorded)");
+        assert_eq!(port_program(""), "");
+    }
     use crate::recording::VmSample;
     use crate::vm::term::{display, small};
     use erl_dist::term::{Atom, List, Tuple};

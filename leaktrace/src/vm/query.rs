@@ -451,6 +451,7 @@ fn ports(vm: &VmClient, n: usize, limits: &mut CensusLimits) -> Result<Ports, Vm
                     Term::ByteList(b) => String::from_utf8_lossy(&b.bytes).into_owned(),
                     other => display(&other),
                 })
+                .map(|name| parse::port_program(&name))
                 .unwrap_or_default(),
             owner: owners
                 .get(k)
