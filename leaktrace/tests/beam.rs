@@ -7,6 +7,8 @@ mod blocks;
 mod containers;
 #[path = "beam/faults.rs"]
 mod faults;
+#[path = "beam/hostile_access.rs"]
+mod hostile_access;
 #[path = "beam/live.rs"]
 mod live;
 #[path = "beam/outputs.rs"]
