@@ -8,5 +8,6 @@ pub mod query;
 pub mod render;
 pub mod term;
 pub mod view;
+pub mod wire;
 
 pub use client::{VmClient, VmError};
