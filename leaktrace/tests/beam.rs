@@ -7,6 +7,8 @@ mod blocks;
 mod containers;
 #[path = "beam/faults.rs"]
 mod faults;
+#[path = "beam/hostile_replies.rs"]
+mod hostile_replies;
 #[path = "beam/live.rs"]
 mod live;
 #[path = "beam/outputs.rs"]

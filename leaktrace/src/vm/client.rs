@@ -180,7 +180,7 @@ pub enum VmError {
     /// A reply went over one of the caps on what leaktrace reads from a node (see
     /// [`crate::vm::wire`]): the node is not answering what was asked, so the view stops.
     #[error(
-        "the node's replies exceeded a cap: {what} ({call}): the VM view is off, tracing goes on with OS-level evidence"
+        "the node's replies exceeded a cap: {what} ({call}): the VM view is off, tracing goes on with OS-level evidence (is the node's erpc the one its OTP release ships?)"
     )]
     ReplyOverCap {
         /// The call (or calls) waiting when the reply came.
