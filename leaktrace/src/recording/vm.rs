@@ -402,3 +402,31 @@ impl MsegCache {
         .hit_rate()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_keep_the_first_hundred_with_short_reasons_and_count_the_rest() {
+        let mut e = VmEvidence::default();
+        let huge = "x".repeat(1 << 20);
+        for i in 0..1000 {
+            e.add_gap(f64::from(i), &huge);
+        }
+        assert_eq!(e.gaps.len(), MAX_GAPS);
+        assert_eq!(e.gaps_dropped, 900);
+        assert_eq!(e.gap_count(), 1000);
+        assert!(
+            e.gaps
+                .iter()
+                .all(|g| g.reason.len() <= MAX_REASON + "…".len())
+        );
+        // Recordings written before the count load with none dropped.
+        let old: VmEvidence = serde_json::from_str(
+            r#"{"node":"a@b","samples":[],"census_start":null,"census_end":null,"gaps":[{"t_s":1.0,"reason":"slow"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((old.gaps.len(), old.gaps_dropped), (1, 0));
+    }
+}

@@ -732,3 +732,206 @@ fn handshake(socket: TcpStream, cookie: &str) -> Result<(Atom, u32, TcpStream), 
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use erl_dist::handshake::ServerSideHandshake;
+
+    use super::*;
+
+    #[test]
+    fn text_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(400);
+        let cut = cap_text(&long);
+        assert!(cut.len() <= MAX_TEXT + "…".len(), "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert_eq!(cap_text("short"), "short");
+    }
+
+    #[test]
+    fn a_huge_term_formats_as_a_short_prefix() {
+        let big = Term::from(List::from(vec![Term::from(Atom::from("x")); 1_000_000]));
+        let started = std::time::Instant::now();
+        let text = term_text(&big);
+        assert!(text.len() <= MAX_TEXT + "…".len(), "{}", text.len());
+        assert!(text.starts_with("['x','x'"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    fn frame(control: Term, payload: Option<Term>) -> Vec<u8> {
+        let mut f = vec![0, 0, 0, 0, PASS_THROUGH];
+        control.encode(&mut f).unwrap();
+        if let Some(p) = payload {
+            p.encode(&mut f).unwrap();
+        }
+        let n = (f.len() - 4) as u32;
+        f[..4].copy_from_slice(&n.to_be_bytes());
+        f
+    }
+
+    /// One frame's body (empty for a tick).
+    fn read_frame(s: &mut impl Read) -> Vec<u8> {
+        let mut len = [0; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        body
+    }
+
+    /// The request reference of a SPAWN_REQUEST frame.
+    fn request_ref(body: &[u8]) -> Reference {
+        let control = wire::Decoder::new(&body[1..]).term().unwrap();
+        match control {
+            Term::Tuple(t) => match &t.elements[..] {
+                [op, Term::Reference(r), ..] if *op == Term::from(FixInteger::from(29)) => {
+                    (**r).clone()
+                }
+                other => panic!("not a spawn request: {other:?}"),
+            },
+            other => panic!("not a tuple: {other}"),
+        }
+    }
+
+    fn monitor_exit(r: Reference, reason: Term) -> Vec<u8> {
+        let pid = Pid::new(Atom::from("fake@localhost"), 5, 0, 1);
+        frame(
+            Tuple::from(vec![
+                FixInteger::from(21).into(),
+                pid.clone().into(),
+                pid.into(),
+                r.into(),
+                reason,
+            ])
+            .into(),
+            None,
+        )
+    }
+
+    /// A node on 127.0.0.1 that completes the handshake (cookie "c") and then plays `script`;
+    /// the flags we offered come back over the channel.
+    fn fake_node(
+        script: impl FnOnce(&mut TcpStream) + Send + 'static,
+    ) -> (NodeAddress, mpsc::Receiver<u64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (ftx, frx) = mpsc::channel();
+        thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            let local = LocalNode::new("fake@localhost".parse().unwrap(), Creation::random());
+            let shook = smol::block_on(async {
+                let mut hs =
+                    ServerSideHandshake::new(futures::io::AllowStdIo::new(socket), local, "c");
+                // A client that names itself is refused (it must ask to be named).
+                if hs.execute_recv_name().await?.is_some() {
+                    return Err(HandshakeError::NotAllowed);
+                }
+                hs.execute_rest(HandshakeStatus::Named {
+                    name: "leaktrace_1".into(),
+                    creation: Creation::new(7),
+                })
+                .await
+            });
+            // A failed handshake (the wrong-cookie test) just drops the connection.
+            let Ok((socket, peer)) = shook else { return };
+            ftx.send(peer.flags.bits()).unwrap();
+            let mut socket = socket.into_inner();
+            script(&mut socket);
+            // Hold the connection until the client goes.
+            let _ = socket.read(&mut [0; 1]);
+        });
+        let addr = NodeAddress {
+            name: "fake@localhost".into(),
+            port,
+            how: "test".into(),
+            netns: None,
+        };
+        (addr, frx)
+    }
+
+    #[test]
+    fn ticks_are_answered_strays_ignored_and_an_over_cap_frame_ends_the_view() {
+        let (addr, flags) = fake_node(|s| {
+            // A tick must come back.
+            s.write_all(&[0; 4]).unwrap();
+            // The first call may come before the answer to the tick.
+            let (first, second) = (read_frame(s), read_frame(s));
+            let request = match (first.is_empty(), second.is_empty()) {
+                (true, false) => second,
+                (false, true) => first,
+                _ => panic!("the tick was not answered"),
+            };
+            // The first call: strays first (a reply for nobody, a message we never asked
+            // for), then its answer.
+            let r = request_ref(&request);
+            let stranger = Reference {
+                node: Atom::from("x@y"),
+                id: vec![1, 2, 3],
+                creation: 1,
+            };
+            s.write_all(&monitor_exit(stranger, Atom::from("late").into()))
+                .unwrap();
+            s.write_all(&frame(
+                Tuple::from(vec![FixInteger::from(2).into(), Atom::from("x").into()]).into(),
+                Some(Atom::from("hello").into()),
+            ))
+            .unwrap();
+            let ok = Tuple::from(vec![
+                Atom::from("ref").into(),
+                Atom::from("return").into(),
+                FixInteger::from(42).into(),
+            ]);
+            s.write_all(&monitor_exit(r, ok.into())).unwrap();
+            // The second call: a frame declaring 3 GB, never sent.
+            let _ = read_frame(s);
+            s.write_all(&3_000_000_000u32.to_be_bytes()).unwrap();
+        });
+        let c = VmClient::connect(&addr, "c").expect("handshake with the fake node");
+        let offered = flags.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(offered & DistributionFlags::DIST_HDR_ATOM_CACHE.bits(), 0);
+        assert_eq!(offered & DistributionFlags::FRAGMENTS.bits(), 0);
+        assert_ne!(offered & DistributionFlags::SPAWN.bits(), 0);
+        let v = c.call("erlang", "node", vec![]).expect("first call");
+        assert_eq!(v, Term::from(FixInteger::from(42)));
+        let e = c.call("erlang", "processes", vec![]).unwrap_err();
+        assert!(
+            matches!(&e, VmError::ReplyOverCap { call, what }
+                if call == "erlang:processes/0" && what == "a reply of 3000 MB, over the 32 MiB cap"),
+            "{e}"
+        );
+        assert!(e.is_permanent());
+        // The connection is gone: later calls fail at once, with the same reason.
+        let started = std::time::Instant::now();
+        let again = c.call("erlang", "node", vec![]).unwrap_err();
+        assert!(matches!(again, VmError::ReplyOverCap { .. }), "{again}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_error_reply_is_a_call_error_with_a_capped_reason() {
+        let (addr, _flags) = fake_node(|s| {
+            let r = request_ref(&read_frame(s));
+            let reason = Tuple::from(vec![
+                Atom::from("error").into(),
+                erl_dist::term::Binary::from(vec![b'a'; 100_000]).into(),
+            ]);
+            s.write_all(&monitor_exit(r, reason.into())).unwrap();
+        });
+        let c = VmClient::connect(&addr, "c").unwrap();
+        let e = c.call("erlang", "node", vec![]).unwrap_err();
+        assert!(matches!(e, VmError::Call { .. }), "{e}");
+        assert!(
+            e.to_string().len() < 2 * MAX_TEXT,
+            "{}",
+            e.to_string().len()
+        );
+    }
+
+    #[test]
+    fn a_wrong_cookie_is_refused() {
+        let (addr, _flags) = fake_node(|_| {});
+        let e = VmClient::connect(&addr, "not-c").unwrap_err();
+        assert!(matches!(e, VmError::Refused { .. }), "{e}");
+    }
+}

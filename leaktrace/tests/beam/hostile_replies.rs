@@ -83,6 +83,8 @@ fn run_measured(args: &[&str], dir: &Path) -> Run {
     let out_path = dir.join("stdout");
     let err_path = dir.join("stderr");
     let started = Instant::now();
+    // Reaped below by wait4, which is what gives its rusage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(LEAKTRACE)
         .args(args)
         .stdin(Stdio::null())
