@@ -26,6 +26,9 @@ pub const MAX_INFLATED_BYTES: usize = 32 << 20;
 pub const MAX_BIG_BYTES: usize = 256;
 /// Longest atom, in bytes: 255 characters of up to 4 UTF-8 bytes.
 const MAX_ATOM_BYTES: usize = 255 * 4;
+/// What malloc takes beyond the bytes asked for, per heap allocation (glibc: an 8-byte header,
+/// 16-byte granules): a million 1-byte binaries cost far more than a megabyte.
+const HEAP_OVERHEAD: usize = 16;
 
 const VERSION: u8 = 131;
 const NEW_FLOAT_EXT: u8 = 70;
@@ -426,7 +429,7 @@ impl<'a> Decoder<'a> {
                 for _ in 0..n {
                     id.push(self.u32()?);
                 }
-                self.charge(n * 4)?;
+                self.charge(n * 4 + HEAP_OVERHEAD)?;
                 Reference { node, id, creation }.into()
             }
             EXPORT_EXT => {
@@ -464,6 +467,9 @@ impl<'a> Decoder<'a> {
         depth: usize,
     ) -> Result<Vec<Term>, WireError> {
         self.admit(what, n, 1, size_of::<Term>())?;
+        if n > 0 {
+            self.charge(HEAP_OVERHEAD)?;
+        }
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             v.push(self.decode(depth + 1)?);
@@ -477,13 +483,14 @@ impl<'a> Decoder<'a> {
         if n > left {
             return Err(malformed(format!("a binary of {n} bytes in {left} bytes")));
         }
-        if self.used.saturating_add(n) > MAX_DECODED_BYTES {
+        let cost = n + HEAP_OVERHEAD;
+        if self.used.saturating_add(cost) > MAX_DECODED_BYTES {
             return Err(WireError::OverBudget {
                 what: "binary",
                 count: n as u64,
             });
         }
-        self.used += n;
+        self.used += cost;
         Ok(self.take(n)?.to_vec())
     }
 
@@ -497,7 +504,7 @@ impl<'a> Decoder<'a> {
             s => return Err(malformed(format!("big integer sign {s}"))),
         };
         let digits = self.take(n)?;
-        self.charge(n)?;
+        self.charge(n + HEAP_OVERHEAD)?;
         let value = num_bigint::BigInt::from_bytes_le(sign, digits);
         Ok(BigInteger { value }.into())
     }
@@ -522,7 +529,7 @@ impl<'a> Decoder<'a> {
         if name.chars().count() > 255 {
             return Err(malformed("an atom of more than 255 characters"));
         }
-        self.charge(name.len())?;
+        self.charge(name.len() + HEAP_OVERHEAD)?;
         Ok(Atom::from(name))
     }
 
@@ -704,6 +711,21 @@ mod tests {
             "a list of 3500000 elements needs more than the 96 MiB decoding budget"
         );
         assert!(decode(&wide_list(100_000)).is_ok());
+    }
+
+    #[test]
+    fn many_small_binaries_count_what_malloc_takes_for_them() {
+        // 2 M one-byte binaries: 12 MB on the wire, far more than 2 MB once allocated.
+        let n = 2_000_000u32;
+        let mut v = vec![VERSION, LIST_EXT];
+        v.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            v.extend_from_slice(&[BINARY_EXT, 0, 0, 0, 1, 0xaa]);
+        }
+        v.push(NIL_EXT);
+        let e = decode(&v).unwrap_err();
+        assert!(e.is_cap(), "{e}");
+        assert!(e.to_string().contains("96 MiB decoding budget"), "{e}");
     }
 
     #[test]

@@ -44,19 +44,8 @@ const HUNG_AFTER: Duration = Duration::from_secs(40);
 /// A distributed node running the stand-in erpc (loaded once the node is up; a marker file says
 /// when).
 fn hostile_node(name: &str, kind: &str, dir: &Path) -> Node {
-    let src = dir.join("erpc.erl");
-    fs::write(&src, STAND_IN).unwrap();
+    let node = hostile_node_after(name, kind, dir, 0);
     let marker = dir.join("loaded");
-    let eval = format!(
-        "{{ok, erpc, Bin}} = compile:file(\"{src}\", [binary, report]), \
-         {{module, erpc}} = code:load_binary(erpc, \"{src}\", Bin), \
-         ok = file:write_file(\"{marker}\", <<\"ok\">>), \
-         timer:sleep(infinity).",
-        src = src.display(),
-        marker = marker.display(),
-    );
-    // erpc lives in kernel's sticky directory: -nostick lets the node replace it.
-    let node = Node::registered(name, &["-sname", name, "-nostick", "-lt_huge", kind], &eval);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !marker.exists() {
         assert!(
@@ -66,6 +55,24 @@ fn hostile_node(name: &str, kind: &str, dir: &Path) -> Node {
         thread::sleep(Duration::from_millis(50));
     }
     node
+}
+
+/// A distributed node that loads the stand-in erpc `delay_ms` after boot.
+fn hostile_node_after(name: &str, kind: &str, dir: &Path, delay_ms: u32) -> Node {
+    let src = dir.join("erpc.erl");
+    fs::write(&src, STAND_IN).unwrap();
+    let marker = dir.join("loaded");
+    let eval = format!(
+        "timer:sleep({delay_ms}), \
+         {{ok, erpc, Bin}} = compile:file(\"{src}\", [binary, report]), \
+         {{module, erpc}} = code:load_binary(erpc, \"{src}\", Bin), \
+         ok = file:write_file(\"{marker}\", <<\"ok\">>), \
+         timer:sleep(infinity).",
+        src = src.display(),
+        marker = marker.display(),
+    );
+    // erpc lives in kernel's sticky directory: -nostick lets the node replace it.
+    Node::registered(name, &["-sname", name, "-nostick", "-lt_huge", kind], &eval)
 }
 
 /// What one leaktrace run left: exit code, peak RSS (KiB), wall time, stdout, stderr.
@@ -246,5 +253,60 @@ fn hostile_reply_to_leaktrace_vm_is_a_clear_error() {
     );
     assert!(run.max_rss_kib < MAX_RSS_KIB, "{evidence}");
     assert!(run.took < Duration::from_secs(20), "{evidence}");
+    drop(node);
+}
+
+#[test]
+fn hostile_replies_mid_run_stop_the_vm_view_once_keeping_its_figures() {
+    let name = "hostile_replies_mid_run_stop_the_vm_view_once_keeping_its_figures";
+    if !privileged(name) {
+        return;
+    }
+    let _s = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // The real erpc answers for the first 3 s, the stand-in after.
+    let node = hostile_node_after("lt_hostile_late", "deep", dir.path(), 3000);
+    let out = dir.path().join("out");
+    let run = run_measured(
+        &[
+            "attach",
+            "--pid",
+            &node.pid().to_string(),
+            "--duration",
+            "8s",
+            "--interval",
+            "500ms",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let evidence = format!(
+        "exit {:?}, peak RSS {} KiB, took {:?}\nstdout: {}\nstderr: {}",
+        run.code, run.max_rss_kib, run.took, run.stdout, run.stderr
+    );
+    eprintln!("{name}: {evidence}");
+    assert!(
+        dir.path().join("loaded").exists(),
+        "stand-in not loaded: {evidence}"
+    );
+    assert!(matches!(run.code, Some(0..=3)), "{evidence}");
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let notes = report["source_notes"].to_string();
+    assert!(
+        notes.contains("VM connection stopped (figures up to then kept)")
+            && notes.contains("a reply nested deeper than 64 levels"),
+        "{notes}\n{evidence}"
+    );
+    let vm = &report["vm"];
+    assert!(
+        vm["samples"].as_array().is_some_and(|s| !s.is_empty()),
+        "no VM figures from before the stand-in: {vm:#}"
+    );
+    // Stopped once: no gap per remaining interval.
+    let gaps = vm["gaps"].as_array().map_or(0, Vec::len);
+    assert!(gaps <= 2, "{gaps} gaps: {:#}\n{evidence}", vm["gaps"]);
+    assert!(run.max_rss_kib < MAX_RSS_KIB, "{evidence}");
     drop(node);
 }
