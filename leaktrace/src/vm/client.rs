@@ -31,7 +31,7 @@ use crate::vm::{
 
 /// Longest wait for one call: a busy node answers read-only BIFs in milliseconds.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the VM view is missing. Messages say what to do; none contains the cookie.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -468,10 +468,21 @@ fn is_atom(t: &Term, name: &str) -> bool {
     matches!(t, Term::Atom(a) if a.name == name)
 }
 
-/// A live connection to one node.
+/// A live connection to one node: in this process, or through the unprivileged child process
+/// of [`crate::vm::sandbox`] (the default of the leaktrace binary).
 pub struct VmClient {
-    conn: Arc<Connection>,
     node: String,
+    transport: Transport,
+}
+
+enum Transport {
+    Direct(Direct),
+    Sandboxed(crate::vm::sandbox::Sandboxed),
+}
+
+/// The distribution connection itself, in this process.
+pub(crate) struct Direct {
+    conn: Arc<Connection>,
     /// Our own node name as the node named us, and the creation it gave.
     local: Atom,
     creation: u32,
@@ -488,7 +499,7 @@ impl std::fmt::Debug for VmClient {
     }
 }
 
-impl Drop for VmClient {
+impl Drop for Direct {
     fn drop(&mut self) {
         // Ends the reading thread (its read fails) and tells the node we are gone.
         let _ = lock(&self.conn.writer).shutdown(Shutdown::Both);
@@ -517,6 +528,52 @@ impl VmClient {
             port: addr.port,
             reason: e.to_string(),
         })?;
+        let transport = if crate::vm::sandbox::enabled() {
+            Transport::Sandboxed(crate::vm::sandbox::Sandboxed::start(socket, &node, cookie)?)
+        } else {
+            Transport::Direct(Direct::over(socket, &node, cookie)?)
+        };
+        Ok(VmClient { node, transport })
+    }
+
+    /// Node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Calls `module:function(args...)` on the node, waiting at most [`CALL_TIMEOUT`].
+    pub fn call(&self, module: &str, function: &str, args: Vec<Term>) -> Result<Term, VmError> {
+        self.call_within(CALL_TIMEOUT, module, function, args)
+    }
+
+    /// Calls `module:function(args...)` on the node, waiting at most `limit`. A late answer
+    /// is dropped when it comes.
+    pub fn call_within(
+        &self,
+        limit: Duration,
+        module: &str,
+        function: &str,
+        args: Vec<Term>,
+    ) -> Result<Term, VmError> {
+        match &self.transport {
+            Transport::Direct(d) => d.call_within(limit, module, function, args),
+            Transport::Sandboxed(s) => s.call_within(limit, module, function, args),
+        }
+    }
+
+    /// The PID of the process holding the distribution connection, when it is not this one.
+    pub fn connection_pid(&self) -> Option<u32> {
+        match &self.transport {
+            Transport::Direct(_) => None,
+            Transport::Sandboxed(s) => Some(s.pid()),
+        }
+    }
+}
+
+impl Direct {
+    /// The handshake over a connected `socket` to `node`, and the thread reading its frames.
+    pub(crate) fn over(socket: TcpStream, node: &str, cookie: &str) -> Result<Direct, VmError> {
+        let node = node.to_owned();
         let refused = |reason: String| VmError::Refused {
             node: node.clone(),
             reason: cap_text(&reason),
@@ -565,9 +622,8 @@ impl VmClient {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
             ^ std::process::id().rotate_left(16);
-        Ok(VmClient {
+        Ok(Direct {
             conn,
-            node,
             local,
             creation,
             next_ref: AtomicU32::new(1),
@@ -575,19 +631,8 @@ impl VmClient {
         })
     }
 
-    /// Node name.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
-    /// Calls `module:function(args...)` on the node, waiting at most [`CALL_TIMEOUT`].
-    pub fn call(&self, module: &str, function: &str, args: Vec<Term>) -> Result<Term, VmError> {
-        self.call_within(CALL_TIMEOUT, module, function, args)
-    }
-
-    /// Calls `module:function(args...)` on the node, waiting at most `limit`. A late answer
-    /// is dropped when it comes.
-    pub fn call_within(
+    /// As [`VmClient::call_within`].
+    pub(crate) fn call_within(
         &self,
         limit: Duration,
         module: &str,

@@ -6,6 +6,7 @@ pub mod epmd;
 pub mod parse;
 pub mod query;
 pub mod render;
+pub mod sandbox;
 pub mod term;
 pub mod view;
 pub mod wire;

@@ -310,3 +310,110 @@ fn hostile_replies_mid_run_stop_the_vm_view_once_keeping_its_figures() {
     assert!(run.max_rss_kib < MAX_RSS_KIB, "{evidence}");
     drop(node);
 }
+
+/// The process holding the VM connection: a child of `parent` started with the hidden argument.
+fn connection_child(parent: u32) -> Option<(u32, String)> {
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(parent)
+            && String::from_utf8_lossy(&cmdline).contains(leaktrace::vm::sandbox::CHILD_ARG)
+        {
+            return Some((pid, status));
+        }
+    }
+    None
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map_or("", str::trim)
+}
+
+#[test]
+fn the_vm_connection_runs_in_a_child_without_privileges() {
+    let name = "the_vm_connection_runs_in_a_child_without_privileges";
+    if !privileged(name) {
+        return;
+    }
+    let _s = serial();
+    let node = Node::distributed("lt_sandboxed", "lt_vm:grow_table(100, 200)");
+    thread::sleep(Duration::from_secs(1));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let pid = node.pid().to_string();
+    let tracer = Command::new(LEAKTRACE)
+        .args([
+            "attach",
+            "--pid",
+            &pid,
+            "--duration",
+            "6s",
+            "--interval",
+            "500ms",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let found = loop {
+        if let Some(found) = connection_child(tracer.id()) {
+            break Some(found);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let done = tracer.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    let (child, status) = found
+        .unwrap_or_else(|| panic!("no child process holds the VM connection; stderr: {stderr}"));
+    eprintln!("{name}: child {child}:\n{status}");
+    for (key, want) in [
+        ("CapEff:", "0000000000000000"),
+        ("CapPrm:", "0000000000000000"),
+        ("CapInh:", "0000000000000000"),
+        ("NoNewPrivs:", "1"),
+    ] {
+        assert_eq!(status_field(&status, key), want, "{key}\n{status}");
+    }
+    let uids: Vec<&str> = status_field(&status, "Uid:").split_whitespace().collect();
+    assert_eq!(uids, ["65534"; 4], "{status}");
+    assert!(status_field(&status, "Groups:").is_empty(), "{status}");
+    // The VM view worked through it.
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["sources"]["vm_connection"], true,
+        "{:#}\nstderr: {stderr}",
+        report["source_notes"]
+    );
+    assert!(
+        report["vm"]["samples"]
+            .as_array()
+            .is_some_and(|s| s.len() >= 5),
+        "{:#}",
+        report["vm"]
+    );
+    drop(node);
+}
