@@ -18,6 +18,11 @@ use leaktrace::{
 const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    // The VM view's distribution connection runs in an unprivileged child: this binary again.
+    if let Some(code) = leaktrace::vm::sandbox::run_if_child() {
+        return ExitCode::from(code);
+    }
+    leaktrace::vm::sandbox::enable();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match run(cli) {

@@ -26,13 +26,50 @@ pub struct VmEvidence {
     /// Samples the node did not answer in time, or answered with an error.
     #[serde(default)]
     pub gaps: Vec<VmGap>,
+    /// Gaps past the first [`MAX_GAPS`], counted and not kept.
+    #[serde(default)]
+    pub gaps_dropped: u64,
     /// Seconds between two censuses during the run (they are spaced so that their cost on the
     /// node stays under 0.5% of one scheduler, samples included it stays under 1%).
     #[serde(default)]
     pub census_every_s: Option<f64>,
 }
 
+/// Most gaps a recording keeps: a node that fails every call must not grow the recording.
+pub const MAX_GAPS: usize = 100;
+/// Longest text kept from a node in one reason, in bytes.
+pub const MAX_REASON: usize = 300;
+
+/// `text` cut to at most [`MAX_REASON`] bytes on a character boundary, with "…" when cut.
+pub fn cut_text(text: &str) -> String {
+    if text.len() <= MAX_REASON {
+        return text.to_owned();
+    }
+    let mut end = MAX_REASON;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 impl VmEvidence {
+    /// Records a gap: its reason cut to [`MAX_REASON`], and only counted past [`MAX_GAPS`].
+    pub fn add_gap(&mut self, t_s: f64, reason: &str) {
+        if self.gaps.len() >= MAX_GAPS {
+            self.gaps_dropped += 1;
+            return;
+        }
+        self.gaps.push(VmGap {
+            t_s,
+            reason: cut_text(reason),
+        });
+    }
+
+    /// Gaps recorded, kept or not.
+    pub fn gap_count(&self) -> u64 {
+        self.gaps.len() as u64 + self.gaps_dropped
+    }
+
     /// Whether the VM's own memory lives outside ERTS carriers (allocators disabled).
     pub fn memory_outside_carriers(&self) -> bool {
         self.disabled_allocators
@@ -363,5 +400,33 @@ impl MsegCache {
             cached_segments: self.cached_segments,
         }
         .hit_rate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_keep_the_first_hundred_with_short_reasons_and_count_the_rest() {
+        let mut e = VmEvidence::default();
+        let huge = "x".repeat(1 << 20);
+        for i in 0..1000 {
+            e.add_gap(f64::from(i), &huge);
+        }
+        assert_eq!(e.gaps.len(), MAX_GAPS);
+        assert_eq!(e.gaps_dropped, 900);
+        assert_eq!(e.gap_count(), 1000);
+        assert!(
+            e.gaps
+                .iter()
+                .all(|g| g.reason.len() <= MAX_REASON + "…".len())
+        );
+        // Recordings written before the count load with none dropped.
+        let old: VmEvidence = serde_json::from_str(
+            r#"{"node":"a@b","samples":[],"census_start":null,"census_end":null,"gaps":[{"t_s":1.0,"reason":"slow"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((old.gaps.len(), old.gaps_dropped), (1, 0));
     }
 }

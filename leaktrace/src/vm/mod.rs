@@ -6,7 +6,9 @@ pub mod epmd;
 pub mod parse;
 pub mod query;
 pub mod render;
+pub mod sandbox;
 pub mod term;
 pub mod view;
+pub mod wire;
 
 pub use client::{VmClient, VmError};

@@ -16,7 +16,7 @@ use crate::{
 pub(crate) fn shape(call: &str, reason: impl Into<String>) -> VmError {
     VmError::Shape {
         call: call.into(),
-        reason: reason.into(),
+        reason: crate::vm::client::cap_text(&reason.into()),
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{
         Census, CensusLimits, LoadedCode, PortEntry, Ports, ProcessEntry, TableEntry, VmSample,
     },
     vm::{
-        client::{VmClient, VmError},
+        client::{VmClient, VmError, term_text},
         parse::{self, PROC_LIB_INIT, ProcessRow, shape},
         term::{
             atom, atom_term, atoms, display, fun, list, list_term, mfa, prop_value, tuple,
@@ -60,7 +60,12 @@ fn zipwith(
     )?;
     let out = match reply {
         Term::List(l) => l.elements,
-        other => return Err(shape("lists:zipwith/3", format!("not a list: {other}"))),
+        other => {
+            return Err(shape(
+                "lists:zipwith/3",
+                format!("not a list: {}", term_text(&other)),
+            ));
+        }
     };
     if out.len() != items.len() {
         return Err(shape("lists:zipwith/3", "reply length differs"));
@@ -91,7 +96,10 @@ fn map_within(
     )?;
     match reply {
         Term::List(l) if l.elements.len() == items.len() => Ok(l.elements),
-        other => Err(shape("lists:map/2", format!("unexpected reply: {other}"))),
+        other => Err(shape(
+            "lists:map/2",
+            format!("unexpected reply: {}", term_text(&other)),
+        )),
     }
 }
 
@@ -198,7 +206,7 @@ pub fn census(vm: &VmClient, n: usize, t_s: f64) -> Result<Census, VmError> {
     };
     let mut pids = match vm.call("erlang", "processes", vec![])? {
         Term::List(l) => l.elements,
-        other => return Err(shape("erlang:processes/0", format!("{other}"))),
+        other => return Err(shape("erlang:processes/0", term_text(&other))),
     };
     let process_count = pids.len() as u64;
     pids.truncate(PROCESS_CAP);
@@ -365,7 +373,7 @@ fn tables(vm: &VmClient, n: usize) -> Result<(u64, Vec<TableEntry>), VmError> {
         .unwrap_or(8);
     let tables = match vm.call("ets", "all", vec![])? {
         Term::List(l) => l.elements,
-        other => return Err(shape("ets:all/0", format!("{other}"))),
+        other => return Err(shape("ets:all/0", term_text(&other))),
     };
     let words = zipwith(vm, "ets", "info", &tables, atom_term("memory"))?;
     let mut rows: Vec<(usize, u64)> = words
@@ -411,7 +419,7 @@ fn tables(vm: &VmClient, n: usize) -> Result<(u64, Vec<TableEntry>), VmError> {
 fn ports(vm: &VmClient, n: usize, limits: &mut CensusLimits) -> Result<Ports, VmError> {
     let mut ports = match vm.call("erlang", "ports", vec![])? {
         Term::List(l) => l.elements,
-        other => return Err(shape("erlang:ports/0", format!("{other}"))),
+        other => return Err(shape("erlang:ports/0", term_text(&other))),
     };
     let count = ports.len() as u64;
     ports.truncate(PORT_CAP);

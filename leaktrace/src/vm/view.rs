@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     config::VmAccess,
-    recording::{Census, VmEvidence, VmGap, VmSample},
+    recording::{Census, VmEvidence, VmGap, VmSample, vm::MAX_GAPS},
     vm::{
         VmClient, VmError,
         discover::{self, CookieSource},
@@ -157,7 +157,9 @@ struct Request {
 pub struct VmWorker {
     shared: Arc<Mutex<Shared>>,
     requests: Option<SyncSender<Request>>,
+    /// Samples skipped because the worker was busy: the first [`MAX_GAPS`], then a count.
     skipped: Vec<VmGap>,
+    skipped_dropped: u64,
     start: Instant,
     done: mpsc::Receiver<()>,
 }
@@ -185,6 +187,7 @@ impl VmWorker {
             shared: shared.clone(),
             requests: None,
             skipped: Vec::new(),
+            skipped_dropped: 0,
             start,
             done,
         };
@@ -222,6 +225,9 @@ impl VmWorker {
         let Some(tx) = &self.requests else { return };
         match tx.try_send(Request { t_s, index }) {
             Ok(()) => {}
+            Err(TrySendError::Full(_)) if self.skipped.len() >= MAX_GAPS => {
+                self.skipped_dropped += 1;
+            }
             Err(TrySendError::Full(_)) => self.skipped.push(VmGap {
                 t_s,
                 reason: "the previous call to the node was still running".into(),
@@ -252,14 +258,21 @@ impl VmWorker {
         let mut shared = lock(&self.shared);
         let mut evidence = shared.evidence.take();
         if let Some(e) = evidence.as_mut() {
-            e.gaps.append(&mut self.skipped);
+            for gap in std::mem::take(&mut self.skipped) {
+                e.add_gap(gap.t_s, &gap.reason);
+            }
+            e.gaps_dropped += self.skipped_dropped;
             e.gaps.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
         }
-        let gaps = evidence.as_ref().map_or(0, |e| e.gaps.len());
-        let gap_note = if gaps > 0 {
-            format!("; {gaps} samples without VM figures (see vm.gaps)")
-        } else {
-            String::new()
+        let gaps = evidence.as_ref().map_or(0, |e| e.gap_count());
+        let kept = evidence.as_ref().map_or(0, |e| e.gaps.len() as u64);
+        let gap_note = match gaps {
+            0 => String::new(),
+            n if n == kept => format!("; {n} samples without VM figures (see vm.gaps)"),
+            n => format!(
+                "; {n} samples without VM figures (the first {kept} in vm.gaps, and {} more)",
+                n - kept
+            ),
         };
         let closing = match (late, evidence.as_ref().and_then(|e| e.census_end.as_ref())) {
             (true, Some(c)) => format!(
@@ -346,6 +359,14 @@ fn run_worker(
                     let permanent = e.is_permanent();
                     let mut s = lock(shared);
                     let had_view = s.evidence.is_some();
+                    if matches!(e, VmError::ReplyOverCap { .. }) {
+                        // The node answers with more than any real reply holds: asking again
+                        // would only repeat it.
+                        s.status = Status::Off {
+                            reason: over_cap_note(&e, had_view),
+                        };
+                        return;
+                    }
                     if (permanent || since.elapsed() > CONNECT_GRACE) && !had_view {
                         s.status = Status::Off {
                             reason: format!("no VM connection: {e}"),
@@ -399,10 +420,13 @@ fn run_worker(
                     let closed = matches!(e, VmError::Call { .. });
                     let mut s = lock(shared);
                     if let Some(ev) = s.evidence.as_mut() {
-                        ev.gaps.push(VmGap {
-                            t_s,
-                            reason: e.to_string(),
-                        });
+                        ev.add_gap(t_s, &e.to_string());
+                    }
+                    if matches!(e, VmError::ReplyOverCap { .. }) {
+                        s.status = Status::Off {
+                            reason: over_cap_note(&e, true),
+                        };
+                        return;
                     }
                     s.status = Status::Lost {
                         node: v.node().to_owned(),
@@ -425,6 +449,9 @@ fn run_worker(
                 return;
             }
             let cost = census(v, now_s(), shared, false);
+            if matches!(lock(shared).status, Status::Off { .. }) {
+                return;
+            }
             lock(shared).census_cost = cost;
             let census_every = CENSUS_MIN_EVERY.max(cost * CENSUS_COST_FACTOR);
             next_census = Instant::now() + census_every;
@@ -448,13 +475,29 @@ fn census(v: &VmView, t_s: f64, shared: &Mutex<Shared>, closing: bool) -> Durati
     match result {
         Ok(c) if e.census_start.is_none() => e.census_start = Some(c),
         Ok(c) => e.census_end = Some(c),
-        Err(err) => e.gaps.push(VmGap {
-            t_s,
-            reason: format!(
-                "{} census failed: {err}",
-                if closing { "closing" } else { "periodic" }
-            ),
-        }),
+        Err(err) => {
+            e.add_gap(
+                t_s,
+                &format!(
+                    "{} census failed: {err}",
+                    if closing { "closing" } else { "periodic" }
+                ),
+            );
+            if matches!(err, VmError::ReplyOverCap { .. }) {
+                s.status = Status::Off {
+                    reason: over_cap_note(&err, true),
+                };
+            }
+        }
     }
     cost
+}
+
+/// The source note of a view stopped by [`VmError::ReplyOverCap`].
+fn over_cap_note(e: &VmError, had_view: bool) -> String {
+    if had_view {
+        format!("VM connection stopped (figures up to then kept): {e}")
+    } else {
+        format!("no VM connection: {e}")
+    }
 }
