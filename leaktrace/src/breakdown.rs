@@ -1,0 +1,383 @@
+//! Where the target's resident memory is now: RSS split into files, ERTS carriers, the mseg
+//! cache, malloc arenas, thread stacks and other anonymous mappings, from `/proc/PID/maps` and
+//! the pagemap. Ledger lines are changes since attach; this is the level an operator who
+//! arrives after the fact needs ("RSS is 8 GB, erlang:memory says 3: where is the rest?").
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Read},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::resident::{self, Pagemap, Range};
+
+/// Largest /proc/PID/maps read (a hostile target cannot make the tracer read without end).
+const MAPS_CAP: u64 = 16 << 20;
+
+/// glibc's `HEAP_MAX_SIZE` on 64-bit: thread arenas are mmap'd aligned to it
+/// (malloc/arena.c, `new_heap`), which is how they are told apart in the maps.
+const HEAP_MAX: u64 = 64 << 20;
+
+/// What one mapping of the target holds, as the maps show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Backed by a file: the object's path.
+    File(String),
+    /// glibc's main heap (`[heap]`) or a thread arena (64 MiB-aligned anonymous region).
+    MallocArena,
+    /// `[stack]`, or an anonymous region right above a guard page (a thread's stack).
+    ThreadStack,
+    /// Any other anonymous mapping.
+    OtherAnon,
+    /// Not counted in RSS lines of its own (guard pages, vdso, vvar).
+    Ignored,
+}
+
+/// One line of `/proc/PID/maps`, classified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Address range.
+    pub range: Range,
+    /// What it holds.
+    pub kind: Kind,
+}
+
+/// Classifies every mapping in `maps` text.
+pub fn classify(maps: &str) -> Vec<Region> {
+    // (range, perms, path) of every line.
+    let lines: Vec<(Range, String, String)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let perms = f.next()?.to_string();
+            let path = line
+                .split_whitespace()
+                .skip(5)
+                .collect::<Vec<_>>()
+                .join(" ");
+            Some((
+                (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ),
+                perms,
+                path,
+            ))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, (range, perms, path)) in lines.iter().enumerate() {
+        let kind = if path.starts_with('/') {
+            Kind::File(path.trim_end_matches(" (deleted)").to_string())
+        } else if path == "[heap]" {
+            Kind::MallocArena
+        } else if path == "[stack]" {
+            Kind::ThreadStack
+        } else if path.starts_with('[') || !perms.starts_with("rw") {
+            Kind::Ignored
+        } else if range.0 % HEAP_MAX == 0 && arena_shape(&lines, i) {
+            Kind::MallocArena
+        } else if i > 0 && {
+            let (prev, pperms, ppath) = &lines[i - 1];
+            prev.1 == range.0 && pperms.starts_with("---") && ppath.is_empty()
+        } {
+            Kind::ThreadStack
+        } else {
+            Kind::OtherAnon
+        };
+        out.push(Region {
+            range: *range,
+            kind,
+        });
+    }
+    out
+}
+
+/// A thread arena is one HEAP_MAX region: the used part read-write, the reserve after it
+/// `---p`, ending on a HEAP_MAX boundary (or the whole region read-write).
+fn arena_shape(lines: &[(Range, String, String)], i: usize) -> bool {
+    let (range, _, _) = &lines[i];
+    if range.1 - range.0 == HEAP_MAX {
+        return true;
+    }
+    if range.1 - range.0 > HEAP_MAX {
+        return false;
+    }
+    match lines.get(i + 1) {
+        Some((next, perms, path)) => {
+            next.0 == range.1
+                && perms.starts_with("---")
+                && path.is_empty()
+                && next.1 == range.0 + HEAP_MAX
+        }
+        None => false,
+    }
+}
+
+/// Resident bytes of the target, by where they lie. Bytes; `None` where unknown.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// RSS (`/proc/PID/status` VmRSS).
+    pub rss: u64,
+    /// File-backed resident bytes (beam.smp, libraries, other files).
+    pub file: u64,
+    /// Resident bytes of ERTS carriers (ranges the carrier probes know); `None` without them.
+    pub erts_carriers: Option<u64>,
+    /// Resident bytes of the mseg cache (ERTS mappings not holding a carrier).
+    pub mseg_cache: Option<u64>,
+    /// Resident bytes of glibc's main heap and thread arenas (ERTS ranges excluded).
+    pub malloc_arenas: u64,
+    /// Bytes glibc counts as in use in its arenas (heap walker); `None` until it answered.
+    pub malloc_in_use: Option<u64>,
+    /// Bytes glibc holds free in its arenas (heap walker); `None` until it answered.
+    pub malloc_free: Option<u64>,
+    /// Resident bytes of thread stacks.
+    pub thread_stacks: u64,
+    /// Resident bytes of other anonymous mappings (ERTS ranges excluded).
+    pub other_anon: u64,
+    /// RSS minus every line above (shared-page rounding, pages the maps changed under us).
+    pub unaccounted: Option<i64>,
+    /// File-backed resident bytes by object, largest first.
+    #[serde(default)]
+    pub by_object: Vec<(String, u64)>,
+    /// ERTS carriers' resident bytes by allocator, largest first.
+    #[serde(default)]
+    pub by_allocator: Vec<(String, u64)>,
+}
+
+impl Breakdown {
+    /// Resident bytes outside every ERTS carrier and file: arenas, other anonymous mappings and
+    /// what nothing accounts for (negative remainders count as 0).
+    pub fn outside_vm(&self) -> u64 {
+        self.malloc_arenas + self.other_anon + self.unaccounted.unwrap_or(0).max(0) as u64
+    }
+}
+
+/// ERTS ranges the carrier probes know, for the breakdown.
+#[derive(Clone, Debug, Default)]
+pub struct ErtsRanges {
+    /// Carriers in use, by allocator name.
+    pub carriers: Vec<(String, Range)>,
+    /// ERTS mappings held in the mseg cache.
+    pub mseg_cache: Vec<Range>,
+    /// Whether the probes were there to see them (else the carrier lines are `None`).
+    pub known: bool,
+}
+
+/// Builds the breakdown from classified regions, ERTS ranges and a residency function (resident
+/// bytes of each range, in order).
+pub fn compute(
+    regions: &[Region],
+    erts: &ErtsRanges,
+    rss: u64,
+    mut resident_of: impl FnMut(&[Range]) -> Vec<u64>,
+) -> Breakdown {
+    let erts_all: Vec<Range> = resident::union(
+        erts.carriers
+            .iter()
+            .map(|(_, r)| *r)
+            .chain(erts.mseg_cache.iter().copied())
+            .collect(),
+    );
+    let mut b = Breakdown {
+        rss,
+        ..Breakdown::default()
+    };
+    let mut ranges: Vec<Range> = Vec::new();
+    let mut owners: Vec<usize> = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let parts = match r.kind {
+            Kind::Ignored => continue,
+            Kind::File(_) => vec![r.range],
+            _ => resident::subtract(&[r.range], &erts_all),
+        };
+        for p in parts {
+            ranges.push(p);
+            owners.push(i);
+        }
+    }
+    let res = resident_of(&ranges);
+    let mut objects: BTreeMap<String, u64> = BTreeMap::new();
+    for (&i, &bytes) in owners.iter().zip(&res) {
+        match &regions[i].kind {
+            Kind::File(p) => {
+                b.file += bytes;
+                *objects.entry(p.clone()).or_default() += bytes;
+            }
+            Kind::MallocArena => b.malloc_arenas += bytes,
+            Kind::ThreadStack => b.thread_stacks += bytes,
+            Kind::OtherAnon => b.other_anon += bytes,
+            Kind::Ignored => {}
+        }
+    }
+    if erts.known {
+        let carrier_ranges: Vec<Range> = erts.carriers.iter().map(|(_, r)| *r).collect();
+        let cres = resident_of(&carrier_ranges);
+        let mut by_alloc: BTreeMap<String, u64> = BTreeMap::new();
+        for ((name, _), bytes) in erts.carriers.iter().zip(&cres) {
+            *by_alloc.entry(name.clone()).or_default() += bytes;
+        }
+        b.erts_carriers = Some(cres.iter().sum());
+        b.mseg_cache = Some(resident_of(&erts.mseg_cache).iter().sum());
+        b.by_allocator = sorted(by_alloc);
+    }
+    let counted = b.file
+        + b.erts_carriers.unwrap_or(0)
+        + b.mseg_cache.unwrap_or(0)
+        + b.malloc_arenas
+        + b.thread_stacks
+        + b.other_anon;
+    b.unaccounted = Some(rss as i64 - counted as i64);
+    b.by_object = sorted(objects);
+    (b.malloc_in_use, b.malloc_free) = glibc_figures();
+    b
+}
+
+/// glibc's own in-use and free bytes of the arenas, read from outside the target. The heap
+/// walker is not part of this build: until it is, both stay unknown.
+fn glibc_figures() -> (Option<u64>, Option<u64>) {
+    (None, None)
+}
+
+fn sorted(m: BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = m.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
+}
+
+/// Reads `/proc/PID/maps` (capped).
+pub fn read_maps(pid: u32) -> io::Result<String> {
+    let mut text = String::new();
+    fs::File::open(format!("/proc/{pid}/maps"))?
+        .take(MAPS_CAP)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// VmRSS of `pid` in bytes.
+pub fn read_rss(pid: u32) -> io::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status has no VmRSS line")))
+}
+
+/// The breakdown of a live target now.
+pub fn measure(pid: u32, erts: &ErtsRanges) -> io::Result<Breakdown> {
+    let regions = classify(&read_maps(pid)?);
+    let rss = read_rss(pid)?;
+    let mut pagemap = Pagemap::open(pid)?;
+    let mut err = None;
+    let b = compute(&regions, erts, rss, |ranges| {
+        pagemap.resident_bytes(ranges).unwrap_or_else(|e| {
+            err = Some(e);
+            vec![0; ranges.len()]
+        })
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(b),
+    }
+}
+
+/// Terminal lines: `resident at attach: 219 MiB = file 18 MiB, ...`.
+pub fn summary_line(label: &str, b: &Breakdown) -> String {
+    let mib = |v: u64| format!("{} MiB", v >> 20);
+    let mut parts = vec![format!("file {}", mib(b.file))];
+    if let Some(c) = b.erts_carriers {
+        parts.push(format!("ERTS carriers {}", mib(c)));
+    }
+    if let Some(c) = b.mseg_cache {
+        parts.push(format!("mseg cache {}", mib(c)));
+    }
+    parts.push(format!("malloc arenas {}", mib(b.malloc_arenas)));
+    parts.push(format!("thread stacks {}", mib(b.thread_stacks)));
+    parts.push(format!("other anonymous {}", mib(b.other_anon)));
+    if let Some(u) = b.unaccounted {
+        parts.push(format!("unaccounted {} MiB", u >> 20));
+    }
+    format!("resident {label}: {} = {}", mib(b.rss), parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0000000-55d0c0400000 r-xp 00000000 08:01 123 /usr/lib/erlang/erts-13.1.5/bin/beam.smp
+55d0c1000000-55d0c5000000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000800000 rw-p 00000000 00:00 0
+7f0000800000-7f0004000000 ---p 00000000 00:00 0
+7f1000000000-7f1000001000 ---p 00000000 00:00 0
+7f1000001000-7f1000101000 rw-p 00000000 00:00 0
+7f1000200000-7f1000600000 rw-p 00000000 00:00 0
+7f2000000000-7f2000100000 r-xp 00000000 08:01 456 /opt/app/priv/my_nif.so
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+7ffd10000000-7ffd10002000 r-xp 00000000 00:00 0 [vdso]
+";
+
+    #[test]
+    fn classifies_heap_arena_stack_file_and_other() {
+        let r = classify(MAPS);
+        let kinds: Vec<&Kind> = r.iter().map(|r| &r.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                &Kind::File("/usr/lib/erlang/erts-13.1.5/bin/beam.smp".into()),
+                &Kind::MallocArena,
+                &Kind::MallocArena,
+                &Kind::Ignored,
+                &Kind::Ignored,
+                &Kind::ThreadStack,
+                &Kind::OtherAnon,
+                &Kind::File("/opt/app/priv/my_nif.so".into()),
+                &Kind::ThreadStack,
+                &Kind::Ignored,
+            ],
+            "{r:#?}"
+        );
+    }
+
+    #[test]
+    fn erts_ranges_are_taken_out_of_anonymous_lines() {
+        let regions = classify(MAPS);
+        let erts = ErtsRanges {
+            carriers: vec![("ets_alloc".into(), (0x7f1000200000, 0x7f1000400000))],
+            mseg_cache: vec![(0x7f1000400000, 0x7f1000500000)],
+            known: true,
+        };
+        // Every range fully resident.
+        let b = compute(&regions, &erts, 200 << 20, |rs| {
+            rs.iter().map(|r| r.1 - r.0).collect()
+        });
+        assert_eq!(b.erts_carriers, Some(2 << 20));
+        assert_eq!(b.mseg_cache, Some(1 << 20));
+        assert_eq!(b.other_anon, 1 << 20);
+        assert_eq!(b.malloc_arenas, (64 << 20) + (8 << 20));
+        assert_eq!(b.thread_stacks, (1 << 20) + 0x21000);
+        assert_eq!(b.file, (4 << 20) + (1 << 20));
+        assert_eq!(b.by_object[0].0, "/usr/lib/erlang/erts-13.1.5/bin/beam.smp");
+        assert_eq!(b.by_allocator, vec![("ets_alloc".to_string(), 2 << 20)]);
+        let counted = b.file + (3 << 20) + b.malloc_arenas + b.thread_stacks + b.other_anon;
+        assert_eq!(b.unaccounted, Some((200 << 20) - counted as i64));
+        assert_eq!(b.malloc_in_use, None);
+        assert!(
+            summary_line("at attach", &b).starts_with("resident at attach: 200 MiB = file 5 MiB")
+        );
+    }
+
+    #[test]
+    fn without_probes_carrier_lines_are_unknown() {
+        let b = compute(&classify(MAPS), &ErtsRanges::default(), 1 << 30, |rs| {
+            vec![0; rs.len()]
+        });
+        assert_eq!((b.erts_carriers, b.mseg_cache), (None, None));
+        assert_eq!(b.unaccounted, Some(1 << 30));
+    }
+}
