@@ -290,8 +290,9 @@ pub fn measure(pid: u32, erts: &ErtsRanges) -> io::Result<Breakdown> {
 pub fn summary_line(label: &str, b: &Breakdown) -> String {
     let mib = |v: u64| format!("{} MiB", v >> 20);
     let mut parts = vec![format!("file {}", mib(b.file))];
-    if let Some(c) = b.erts_carriers {
-        parts.push(format!("ERTS carriers {}", mib(c)));
+    match b.erts_carriers {
+        Some(c) => parts.push(format!("ERTS carriers {}", mib(c))),
+        None => parts.push("ERTS carriers not located (inside the anonymous lines)".into()),
     }
     if let Some(c) = b.mseg_cache {
         parts.push(format!("mseg cache {}", mib(c)));
