@@ -876,6 +876,13 @@ pub fn terminal_summary(report: &Report) -> String {
         let _ = write!(o, "\n  blocks: {}", clean(&line));
     }
     o += &crate::cgroup::render(&report.recording, "\n  cgroup: ", clean);
+    if let Some(levels) = &report.recording.resident {
+        for (label, b) in [("at attach", &levels.at_attach), ("at end", &levels.at_end)] {
+            if let Some(b) = b {
+                let _ = write!(o, "\n  {}", crate::breakdown::summary_line(label, b));
+            }
+        }
+    }
     o
 }
 

@@ -734,6 +734,9 @@ async fn sample_loop(
         return Err(Error::NoSuchProcess { pid: traced.pid });
     };
     let baseline = rss0.anon;
+    // The level at attach: where the resident memory already lies before any trend exists.
+    let resident_at_attach =
+        crate::breakdown::measure(traced.pid, &crate::breakdown::ErtsRanges::default()).ok();
     let first = ledger::sample(
         0.0,
         rss0,
@@ -937,7 +940,15 @@ async fn sample_loop(
         ));
     }
 
+    let resident_at_end =
+        crate::breakdown::measure(traced.pid, &crate::breakdown::ErtsRanges::default()).ok();
     let recording = Recording {
+        resident: (resident_at_attach.is_some() || resident_at_end.is_some()).then(|| {
+            crate::recording::ResidentLevels {
+                at_attach: resident_at_attach,
+                at_end: resident_at_end,
+            }
+        }),
         schema: SCHEMA,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         target: traced.target.clone(),

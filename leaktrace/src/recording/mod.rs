@@ -123,6 +123,9 @@ pub struct Recording {
     /// What the block probes saw (`--blocks`; None: not asked for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<blocks::BlockEvidence>,
+    /// Where the resident memory lay at attach and at the end (older recordings have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident: Option<ResidentLevels>,
     /// Size and lifetime distributions (HdrHistograms over time), when measured.
     #[serde(default, skip_serializing_if = "histograms::Histograms::is_empty")]
     pub histograms: histograms::Histograms,
@@ -818,4 +821,13 @@ mod fuzz {
             Recording::read(&path).unwrap();
         }
     }
+}
+
+/// The resident breakdown at attach and at the end of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResidentLevels {
+    /// Measured right after the probes were placed.
+    pub at_attach: Option<crate::breakdown::Breakdown>,
+    /// Measured when tracing stopped (`None` when the target had exited).
+    pub at_end: Option<crate::breakdown::Breakdown>,
 }
