@@ -346,6 +346,63 @@ struct Candidate {
     strength: f64,
 }
 
+/// Share of RSS (percent) outside ERTS carriers at attach from which the level is a finding.
+pub const OUTSIDE_VM_MIN_SHARE_PCT: u64 = 30;
+/// Bytes outside ERTS carriers at attach from which the level is a finding (64 MiB).
+pub const OUTSIDE_VM_MIN_BYTES: u64 = 64 << 20;
+
+/// Resident memory outside the VM at attach that is a large share of RSS: it does not grow, so
+/// it is not a leak in progress, but it is not healthy either until something names its owner.
+fn outside_vm_level(rec: &Recording) -> Option<String> {
+    let b = rec.resident.as_ref()?.at_attach.as_ref()?;
+    let outside = b.outside_vm();
+    if outside < OUTSIDE_VM_MIN_BYTES || outside * 100 < b.rss * OUTSIDE_VM_MIN_SHARE_PCT {
+        return None;
+    }
+    // Candidates: mapped objects that are neither OTP's nor the C runtime's.
+    let candidates: Vec<&str> = b
+        .by_object
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .filter(|p| {
+            !p.contains("/erlang/")
+                && !p.starts_with("/memfd:")
+                && ![
+                    "libc.so",
+                    "libm.so",
+                    "ld-linux",
+                    "libpthread",
+                    "libdl.so",
+                    "librt.so",
+                    "libtinfo",
+                    "libstdc++",
+                    "libgcc_s",
+                    "libz.so",
+                    "libcrypto",
+                    "libssl",
+                    "locale-archive",
+                    "gconv",
+                ]
+                .iter()
+                .any(|c| p.contains(c))
+        })
+        .collect();
+    Some(format!(
+        "{} MiB resident outside the VM's carriers at attach ({}% of RSS {} MiB: malloc arenas {} MiB, other anonymous {} MiB, unaccounted {} MiB) and not growing; native objects mapped that are not OTP's: {}; run longer with --native on to see who holds it",
+        outside >> 20,
+        outside * 100 / b.rss.max(1),
+        b.rss >> 20,
+        b.malloc_arenas >> 20,
+        b.other_anon >> 20,
+        b.unaccounted.unwrap_or(0).max(0) >> 20,
+        if candidates.is_empty() {
+            "none".to_string()
+        } else {
+            candidates.join(", ")
+        }
+    ))
+}
+
 /// Judges a recording.
 pub fn judge(rec: &Recording) -> Verdict {
     let th = &rec.thresholds;
@@ -429,6 +486,11 @@ pub fn judge(rec: &Recording) -> Verdict {
                 Some(n) => n.clone(),
                 None => inconclusive_growth(rec, &trends),
             },
+            Vec::new(),
+        ),
+        None if outside_vm_level(rec).is_some() => (
+            VerdictKind::Inconclusive,
+            outside_vm_level(rec).unwrap_or_default(),
             Vec::new(),
         ),
         None => (
@@ -1528,5 +1590,52 @@ mod tests {
             "{:?}",
             v.degraded
         );
+    }
+}
+
+#[cfg(test)]
+mod resident_level_tests {
+    use super::*;
+    use crate::breakdown::Breakdown;
+    use crate::recording::ResidentLevels;
+
+    fn with_arenas(arenas: u64) -> Recording {
+        let mut rec: Recording =
+            serde_json::from_str(include_str!("../tests/recordings/healthy.json")).unwrap();
+        rec.resident = Some(ResidentLevels {
+            at_attach: Some(Breakdown {
+                rss: 219 << 20,
+                file: 18 << 20,
+                malloc_arenas: arenas,
+                unaccounted: Some(0),
+                by_object: vec![
+                    ("/usr/lib/erlang/erts-13.1.5/bin/beam.smp".into(), 4 << 20),
+                    ("/tmp/nif/lt_leak.so".into(), 1 << 20),
+                ],
+                ..Breakdown::default()
+            }),
+            at_end: None,
+        });
+        rec
+    }
+
+    #[test]
+    fn memory_outside_the_vm_at_attach_is_never_healthy() {
+        let v = judge(&with_arenas(160 << 20));
+        assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
+        assert!(
+            v.summary.contains("160 MiB resident outside"),
+            "{}",
+            v.summary
+        );
+        assert!(v.summary.contains("/tmp/nif/lt_leak.so"), "{}", v.summary);
+        assert!(!v.summary.contains("beam.smp"), "{}", v.summary);
+        assert!(v.summary.contains("--native on"), "{}", v.summary);
+    }
+
+    #[test]
+    fn a_small_level_stays_healthy() {
+        let v = judge(&with_arenas(20 << 20));
+        assert_eq!(v.kind, VerdictKind::Healthy, "{v:#?}");
     }
 }
