@@ -355,7 +355,17 @@ pub const OUTSIDE_VM_MIN_BYTES: u64 = 64 << 20;
 /// it is not a leak in progress, but it is not healthy either until something names its owner.
 fn outside_vm_level(rec: &Recording) -> Option<String> {
     let b = rec.resident.as_ref()?.at_attach.as_ref()?;
-    let outside = b.outside_vm();
+    // Until carrier ranges are located, ERTS carriers sit among the other anonymous mappings:
+    // only what exceeds the VM's own carrier figure there counts as outside (nothing, when the
+    // VM did not answer either).
+    let outside = if b.erts_carriers.is_some() {
+        b.outside_vm()
+    } else {
+        let vm = rec.samples.first().and_then(|s| s.vm_allocated);
+        b.malloc_arenas
+            + b.unaccounted.unwrap_or(0).max(0) as u64
+            + vm.map_or(0, |vm| b.other_anon.saturating_sub(vm))
+    };
     if outside < OUTSIDE_VM_MIN_BYTES || outside * 100 < b.rss * OUTSIDE_VM_MIN_SHARE_PCT {
         return None;
     }
