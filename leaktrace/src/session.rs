@@ -943,7 +943,7 @@ async fn sample_loop(
     let resident_at_end =
         crate::breakdown::measure(traced.pid, &crate::breakdown::ErtsRanges::default()).ok();
     let recording = Recording {
-        resident: (resident_at_attach.is_some() || resident_at_end.is_some()).then(|| {
+        resident: (resident_at_attach.is_some() || resident_at_end.is_some()).then_some({
             crate::recording::ResidentLevels {
                 at_attach: resident_at_attach,
                 at_end: resident_at_end,
