@@ -600,23 +600,15 @@ struct Privileges {
 }
 
 impl Privileges {
-    /// Records what the run starts with, and what the VM view's thread keeps (it gives up
-    /// the rest itself when it starts, see [`crate::vm::view::VmWorker::spawn`]).
-    fn new(pid: u32, vm: bool) -> Privileges {
+    /// Records what the run starts with. The VM connection and every reply live in a process
+    /// of their own without privileges (`vm::sandbox`).
+    fn new() -> Privileges {
         let held = privilege::thread_effective();
-        let mut phases = vec![crate::recording::PrivilegePhase {
+        let phases = vec![crate::recording::PrivilegePhase {
             phase: "attach".into(),
             at_s: 0.0,
             held: privilege::names(held),
         }];
-        if vm {
-            let container = crate::namespace::is_other(pid, "net") == Some(true);
-            phases.push(crate::recording::PrivilegePhase {
-                phase: "VM view thread".into(),
-                at_s: 0.0,
-                held: privilege::names(held & privilege::vm_keeps(container)),
-            });
-        }
         Privileges { phases, held }
     }
 
@@ -724,7 +716,7 @@ async fn sample_loop(
     learned.learn(&traced, &mut ledger);
 
     let start = Instant::now();
-    let mut privileges = Privileges::new(traced.pid, cfg.vm.is_some());
+    let mut privileges = Privileges::new();
     let mut vm = VmWorker::spawn(traced.pid, cfg.vm.as_ref(), start);
 
     // The baseline after the first drain: carriers made between attach and now are in both

@@ -141,7 +141,7 @@ pub struct Recording {
 /// The capabilities held from one point of a run on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrivilegePhase {
-    /// What the run was doing ("attach", "tracing (every probe placed)", "VM view thread").
+    /// What the run was doing ("attach", "tracing (every probe placed)").
     pub phase: String,
     /// Seconds since attach.
     pub at_s: f64,
