@@ -489,7 +489,7 @@ impl CarrierLedger {
             match Pagemap::open(pid) {
                 Ok(mut pm) => {
                     let maps =
-                        std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+                        crate::target::maps_text(pid).unwrap_or_default();
                     let anon = resident::parse_anonymous_writable(&maps);
                     self.res.at_attach = Some(anon)
                         .filter(|m| resident::total(m) <= ATTACH_SNAPSHOT_MAX)

@@ -3,11 +3,7 @@
 //! function from ELF symbols (blazesym), and sums them per object over time. With `--stacks`
 //! it also names the frames of each allocation stack the kernel walked.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fs,
-    io::Read,
-};
+use std::collections::{BTreeMap, HashMap};
 
 use blazesym::{
     Pid,
@@ -24,9 +20,6 @@ use crate::recording::{
     NativeEvidence, NativeModule, NativePoint,
     native::{MAX_STACKS, NativeStack},
 };
-
-/// Largest /proc/PID/maps read (a hostile target cannot make the tracer read without end).
-const MAPS_CAP: u64 = 16 << 20;
 
 /// One file-backed mapping of the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,12 +55,9 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
         .collect()
 }
 
-/// Reads the target's file-backed mappings (capped).
+/// Reads the target's file-backed mappings (capped: [`crate::target::maps_text`]).
 pub fn read_maps(pid: u32) -> Vec<Mapping> {
-    let mut text = String::new();
-    let _ = fs::File::open(format!("/proc/{pid}/maps"))
-        .and_then(|f| f.take(MAPS_CAP).read_to_string(&mut text));
-    parse_maps(&text)
+    parse_maps(&crate::target::maps_text(pid).unwrap_or_default())
 }
 
 /// The C library the target runs with, as it maps it.
@@ -119,6 +109,9 @@ pub struct NativeLedger {
     stacks_truncated: u64,
     /// Size and lifetime buckets per site as last put into the histograms.
     hist_seen: HashMap<u64, NativeHist>,
+    /// JIT function names (`+JPperf true`), read by leaktrace itself rather than by blazesym:
+    /// the file is the node's, so it goes through the safe open.
+    perf_map: crate::target::perf_map::PerfMapSource,
 }
 
 impl std::fmt::Debug for NativeLedger {
@@ -149,6 +142,7 @@ impl NativeLedger {
             stack_ips: HashMap::new(),
             frame_names: HashMap::new(),
             stacks_truncated: 0,
+            perf_map: crate::target::perf_map::PerfMapSource::new(pid),
         }
     }
 
@@ -351,7 +345,30 @@ impl NativeLedger {
     }
 
     /// Function names of return addresses (the call sites), best effort.
-    fn symbolize(&self, addrs: &[u64]) -> Vec<Option<String>> {
+    fn symbolize(&mut self, addrs: &[u64]) -> Vec<Option<String>> {
+        let mut names = self.symbolize_files(addrs);
+        // Code in no file, or in the JIT's memfd: named from the perf map, if the node has one.
+        let jit: Vec<usize> = (0..addrs.len())
+            .filter(|&i| names[i].is_none())
+            .filter(|&i| {
+                self.mapping_of(addrs[i])
+                    .is_none_or(|m| m.path.starts_with("/memfd:"))
+            })
+            .collect();
+        if jit.is_empty() {
+            return names;
+        }
+        if let Err(why) = self.perf_map.refresh() {
+            log::debug!("JIT names: {why}");
+        }
+        for i in jit {
+            names[i] = self.perf_map.map().name(addrs[i]).map(str::to_owned);
+        }
+        names
+    }
+
+    /// Function names of addresses in mapped ELF files (blazesym).
+    fn symbolize_files(&self, addrs: &[u64]) -> Vec<Option<String>> {
         // Code in a deleted file or a memfd (the JIT's double mapping) has no ELF to read: one
         // such address fails the whole batch, so it is left out (named by its object).
         let (ok, skipped): (Vec<usize>, Vec<usize>) = (0..addrs.len()).partition(|&i| {
@@ -389,7 +406,11 @@ impl NativeLedger {
         }
         let mut process = Process::new(Pid::from(self.pid));
         process.debug_syms = false;
-        process.perf_map = true;
+        // The perf map is the node's file: read through the safe open (`self.perf_map`).
+        process.perf_map = false;
+        // ELF files are opened through /proc/PID/map_files: the very inode mapped, never a
+        // FIFO or a symlink the node put at the mapped path since.
+        process.map_files = true;
         let source = Source::Process(process);
         Ok(self
             .symbolizer
