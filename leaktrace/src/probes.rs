@@ -593,7 +593,16 @@ impl Tracer {
             .iter()
             .enumerate()
             .filter(|(_, p)| p.link.is_none() && programs.contains(&p.program))
-            .map(|(i, p)| (i, p.program, p.symbol, p.file_offset, p.binary.clone(), p.pid))
+            .map(|(i, p)| {
+                (
+                    i,
+                    p.program,
+                    p.symbol,
+                    p.file_offset,
+                    p.binary.clone(),
+                    p.pid,
+                )
+            })
             .collect();
         let mut failed = 0;
         for (i, program, symbol, file_offset, binary, pid) in todo {

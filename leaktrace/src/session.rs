@@ -207,20 +207,21 @@ impl NativeProbes {
         };
         // The very file the target maps (its map_files link), also in a container; checked to
         // be a regular file of sane size before a byte of it is read.
-        let (path, symbols) = match crate::target::open::open_mapped_object(traced.pid, &maps, &libc)
-            .map_err(|why| format!("{libc} {why}"))
-            .and_then(|(file, path)| {
-                SymbolTable::from_file(file, &libc)
-                    .map(|symbols| (path, symbols))
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.reason = format!("{why}, but the target's libc cannot be read: {e}");
-                self.mode = NativeMode::Off;
-                return;
-            }
-        };
+        let (path, symbols) =
+            match crate::target::open::open_mapped_object(traced.pid, &maps, &libc)
+                .map_err(|why| format!("{libc} {why}"))
+                .and_then(|(file, path)| {
+                    SymbolTable::from_file(file, &libc)
+                        .map(|symbols| (path, symbols))
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    self.reason = format!("{why}, but the target's libc cannot be read: {e}");
+                    self.mode = NativeMode::Off;
+                    return;
+                }
+            };
         // Before the entry probes attach: every call they see captures its stack, or none does.
         if self.stacks > 0
             && let Err(e) = tracer.set_stack_depth(self.stacks)

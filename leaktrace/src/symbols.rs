@@ -9,12 +9,7 @@
 //! the whole file or a mapping of it (a mapping of a file its owner truncates would kill the
 //! tracer with SIGBUS).
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    os::unix::fs::FileExt,
-    path::Path,
-};
+use std::{collections::HashMap, fs::File, os::unix::fs::FileExt, path::Path};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache};
 
@@ -41,12 +36,11 @@ impl SymbolTable {
     /// `/proc/PID/map_files/...`, `/proc/self/fd/N`, or the operator's); `display` names the
     /// binary in errors.
     pub fn read(path: &Path, display: &str) -> Result<SymbolTable, Error> {
-        let file = open_resolved(path, AnyOwner { cap: ELF_CAP }).map_err(|reason| {
-            Error::BadBinary {
+        let file =
+            open_resolved(path, AnyOwner { cap: ELF_CAP }).map_err(|reason| Error::BadBinary {
                 binary: display.to_owned(),
                 reason: format!("{} {reason}", path.display()),
-            }
-        })?;
+            })?;
         SymbolTable::from_file(file, display)
     }
 

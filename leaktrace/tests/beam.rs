@@ -7,6 +7,8 @@ mod blocks;
 mod containers;
 #[path = "beam/faults.rs"]
 mod faults;
+#[path = "beam/hostile_files.rs"]
+mod hostile_files;
 #[path = "beam/live.rs"]
 mod live;
 #[path = "beam/outputs.rs"]

@@ -853,7 +853,10 @@ mod fuzz {
         let path = dir.path().join("rec.json");
         std::fs::write(&path, bytes).unwrap();
         match Recording::read(&path) {
-            Ok(_) => panic!("read: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
+            Ok(_) => panic!(
+                "read: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            ),
             Err(e @ Error::RecordingCorrupt { .. }) => e.to_string(),
             Err(e) => panic!("not a corrupt-recording error: {e}"),
         }

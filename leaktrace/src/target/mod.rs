@@ -136,22 +136,41 @@ pub fn maps_text(pid: u32) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
-/// OTP release of `pid` (e.g. "25"): `-root DIR` from its command line, else the directory
-/// above `erts-X/bin` of its executable `exe`; then the first `DIR/releases/*/OTP_VERSION`.
-/// The paths are the node's, so they are opened inside `/proc/PID/root` (its own tree, also in
-/// a container) with no symlink followed anywhere, the directory listing is capped, and
-/// `OTP_VERSION` is read only if it is a small regular file owned by root or the node's user.
-/// The error says why the release is unknown.
+/// OTP release of `pid` (e.g. "25"): from `DIR/releases/*/OTP_VERSION`, where DIR is
+/// `-root DIR` from its command line, else (or when that gives nothing) the directory above
+/// `erts-X/bin` of its executable `exe`. The paths are the node's, so they are opened inside
+/// `/proc/PID/root` (its own tree, also in a container) with no symlink followed anywhere,
+/// the directory listing is capped, and `OTP_VERSION` is read only if it is a small regular
+/// file owned by root or the node's user. The error says why the release is unknown.
 pub fn otp_release(pid: u32, exe: &Path, cmdline: &[String]) -> Result<String, open::Refusal> {
+    let from_flag = flag_value(cmdline, "-root").map(PathBuf::from);
+    let from_exe = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .filter(|dir| from_flag.as_ref() != Some(dir));
+    let mut first_refusal = None;
+    for otp_root in [from_flag, from_exe].into_iter().flatten() {
+        match release_in(pid, &otp_root) {
+            Ok(release) => return Ok(release),
+            Err(why) => {
+                first_refusal.get_or_insert(why);
+            }
+        }
+    }
+    Err(first_refusal.unwrap_or_else(|| {
+        "no -root on its command line and no OTP directory above its executable".into()
+    }))
+}
+
+/// The release in `otp_root/releases/*/OTP_VERSION`, as [`otp_release`] reads it.
+fn release_in(pid: u32, otp_root: &Path) -> Result<String, open::Refusal> {
     use std::os::fd::AsRawFd;
 
     use open::{FileRule, open_dir_in_root, read_in_root};
 
     let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let otp_root = flag_value(cmdline, "-root")
-        .map(PathBuf::from)
-        .or_else(|| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
-        .ok_or("no -root on its command line and no OTP directory above its executable")?;
     let releases = otp_root.join("releases");
     let dir = open_dir_in_root(&root, &releases)
         .map_err(|why| format!("{}: {why}", releases.display()))?;
@@ -214,6 +233,25 @@ mod tests {
         let cmd = args(&["beam.smp", "--", "-name", "a@h.example"]);
         assert_eq!(node_name(&cmd).as_deref(), Some("a@h.example"));
         assert_eq!(node_name(&args(&["beam.smp", "-sname"])), None);
+    }
+
+    #[test]
+    fn own_release_refusal_names_the_file_and_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = dir.path().join("releases/x");
+        fs::create_dir_all(&x).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", x.join("OTP_VERSION")).unwrap();
+        let root = dir.path().to_str().unwrap();
+        let cmd = args(&["beam.smp", "--", "-root", root]);
+        let e = otp_release(std::process::id(), Path::new("/nonexistent"), &cmd).unwrap_err();
+        assert!(e.contains("OTP_VERSION") && e.contains("symlink"), "{e}");
+        fs::remove_file(x.join("OTP_VERSION")).unwrap();
+        fs::write(x.join("OTP_VERSION"), "26.1\n").unwrap();
+        // Owned by this test's user, which is the process's own uid: accepted.
+        assert_eq!(
+            otp_release(std::process::id(), Path::new("/nonexistent"), &cmd).as_deref(),
+            Ok("26.1")
+        );
     }
 
     #[test]
