@@ -27,6 +27,10 @@ pub struct SymbolTable {
     first_load_vaddr: u64,
     /// Sections with bytes in the file: (virtual address, size, file offset).
     sections: Vec<(u64, u64, u64)>,
+    /// Loadable segments: (virtual address, file offset, size in the file).
+    segments: Vec<(u64, u64, u64)>,
+    /// Defined symbols by address: (address, size, name), sorted.
+    by_address: Vec<(u64, u64, String)>,
     /// The file read, kept open for [`SymbolTable::bytes_at`].
     file: Option<File>,
 }
@@ -63,6 +67,18 @@ impl SymbolTable {
                     .or_insert((sym.address(), sym.size()));
             }
         }
+        let mut by_address: Vec<(u64, u64, String)> = symbols
+            .iter()
+            .map(|(name, (addr, size))| (*addr, *size, name.clone()))
+            .collect();
+        by_address.sort_unstable();
+        let segments = elf
+            .segments()
+            .map(|s| {
+                let (off, len) = s.file_range();
+                (s.address(), off, len)
+            })
+            .collect();
         let first_load_vaddr = elf.segments().map(|s| s.address()).min().unwrap_or(0);
         let sections = elf
             .sections()
@@ -76,6 +92,8 @@ impl SymbolTable {
             symbols,
             first_load_vaddr,
             sections,
+            segments,
+            by_address,
             file: Some(file),
         })
     }
@@ -86,6 +104,22 @@ impl SymbolTable {
             .iter()
             .find(|(addr, size, _)| *addr <= vaddr && vaddr < addr.saturating_add(*size))
             .map(|(addr, _, off)| vaddr - addr + off)
+    }
+
+    /// The function holding the byte at `file_offset` of the file (a return address found in
+    /// a mapping, as `mapping offset + address - mapping start`), with no size past its end.
+    pub fn name_at_file_offset(&self, file_offset: u64) -> Option<&str> {
+        let (vaddr, off, _) = self
+            .segments
+            .iter()
+            .find(|(_, off, len)| *off <= file_offset && file_offset < off.saturating_add(*len))?;
+        let vaddr = vaddr + (file_offset - off);
+        let i = self
+            .by_address
+            .partition_point(|(a, _, _)| *a <= vaddr)
+            .checked_sub(1)?;
+        let (addr, size, name) = &self.by_address[i];
+        (*size == 0 || vaddr < addr.saturating_add(*size)).then_some(name.as_str())
     }
 
     /// File offset of the symbol `name`.
@@ -179,6 +213,19 @@ mod tests {
         let whole = std::fs::read("/proc/self/exe").unwrap();
         let bytes = table.bytes_at(vaddr, 16).unwrap();
         assert_eq!(bytes, whole[off as usize..off as usize + 16]);
+    }
+
+    #[test]
+    fn a_return_address_is_named_from_its_file_offset() {
+        let table = SymbolTable::read(Path::new("/proc/self/exe"), "test binary").unwrap();
+        let off = table
+            .file_offset_of("leaktrace_symbols_probe_target")
+            .unwrap();
+        assert_eq!(
+            table.name_at_file_offset(off + 1),
+            Some("leaktrace_symbols_probe_target")
+        );
+        assert_eq!(table.name_at_file_offset(u64::MAX), None);
     }
 
     #[test]

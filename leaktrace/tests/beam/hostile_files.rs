@@ -367,8 +367,14 @@ fn mapped_objects_replaced_by_fifos_do_not_block_native_probes() {
     }
     let libc_name = own_libc().file_name().unwrap().to_owned();
     fs::copy(own_libc(), lib.join(&libc_name)).unwrap();
-    for p in [&nif, &lib] {
-        chown_nobody(p);
+    for p in [
+        nif.clone(),
+        lib.clone(),
+        nif.join("lt_native.so"),
+        nif.join("lt_native.beam"),
+        lib.join(&libc_name),
+    ] {
+        chown_nobody(&p);
     }
     let home = nobody_home(dir.path());
     let erl = which("erl");
@@ -455,13 +461,19 @@ fn mapped_objects_replaced_by_fifos_do_not_block_native_probes() {
         run.evidence()
     );
     let modules = report["native"]["modules"].to_string();
+    // Named from the very file mapped (map_files), though its path is now a FIFO.
+    let named = report["native"]["modules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|m| m["module"] == "lt_native.so" && m["function"] == "leak_malloc");
     assert!(
-        modules.contains("lt_native.so"),
-        "the NIF is not named: {modules}\n{}",
+        named,
+        "the NIF is not named lt_native.so: leak_malloc: {modules}\n{}",
         run.evidence()
     );
     eprintln!(
-        "FIFOs at mapped paths: {:.1} s, exit {:?}, peak RSS {} MiB, verdict {}",
+        "FIFOs at mapped paths: {:.1} s, exit {:?}, peak RSS {} MiB, verdict {}, modules {modules}",
         run.elapsed.as_secs_f64(),
         run.code,
         run.max_rss_kib / 1024,
@@ -584,6 +596,14 @@ fn perf_map_of_a_hostile_node_is_never_read() {
         let what = format!("perf map as {bait:?}");
         let dir = open_tempdir();
         let home = nobody_home(dir.path());
+        // The node's own NIF (a file its user could truncate): named without mapping it.
+        let nif = dir.path().join("nif");
+        fs::create_dir_all(&nif).unwrap();
+        chown_nobody(&nif);
+        for f in ["lt_native.so", "lt_native.beam"] {
+            fs::copy(fixtures().join(f), nif.join(f)).unwrap();
+            chown_nobody(&nif.join(f));
+        }
         let node = start_as_nobody(
             &home,
             &[],
@@ -593,7 +613,7 @@ fn perf_map_of_a_hostile_node_is_never_read() {
                 "true",
                 "-noshell",
                 "-pa",
-                fixtures().to_str().unwrap(),
+                nif.to_str().unwrap(),
                 "-eval",
                 "lt_native:leak_forever(leak_malloc, 262144, 20)",
             ],
@@ -638,6 +658,19 @@ fn perf_map_of_a_hostile_node_is_never_read() {
             run.max_rss_kib < 256 * 1024,
             "{what}: peak RSS {} MiB\n{}",
             run.max_rss_kib / 1024,
+            run.evidence()
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+        let named = report["native"]["modules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["module"] == "lt_native.so" && m["function"] == "leak_malloc");
+        assert!(
+            named,
+            "{what}: the node's own NIF is not named lt_native.so: leak_malloc: {}\n{}",
+            report["native"]["modules"],
             run.evidence()
         );
         eprintln!(
