@@ -115,6 +115,8 @@ impl Run {
 fn run_bounded(args: &[&str], limit: Duration) -> Run {
     let out = tempfile::tempdir().unwrap();
     let (so, se) = (out.path().join("stdout"), out.path().join("stderr"));
+    // Reaped by wait4 below, which also gives its rusage (Child::wait does not).
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(LEAKTRACE)
         .args(args)
         .stdin(Stdio::null())
