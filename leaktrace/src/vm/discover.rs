@@ -183,6 +183,7 @@ pub fn target_uid(pid: u32) -> Option<u32> {
 // ---------------------------------------------------------------------------------------------
 // Safe reads inside the target's root: the one safe open, in `crate::target::open`
 
+use crate::target::open::{self as safe_open, open_in_root};
 pub use crate::target::open::{
     FileRule, Refusal, open_dir_in_root, read_in_root, read_operator_file,
 };
@@ -362,30 +363,25 @@ impl TargetFs {
         }
     }
 
-    /// An args file and whether the node's user owns it (else root does). Each answer comes
-    /// from one safe read, so a file swapped between the two reads is still judged by what was
+    /// An args file and whether the node's user owns it (else root does): the owner is read
+    /// from the very file opened and read, so a file swapped meanwhile is judged by what was
     /// read.
     fn read_args_file(&self, f: &str) -> Result<(Vec<u8>, bool), Refusal> {
+        use std::os::unix::fs::MetadataExt as _;
         let uid = self
             .uid
             .ok_or("cannot be checked: the node's uid is unknown")?;
-        let read = |owners: &[u32]| {
-            read_in_root(
-                &self.root,
-                Some(&self.cwd),
-                Path::new(f),
-                FileRule {
-                    owners,
-                    node_uid: uid,
-                    cap: ARGS_FILE_CAP,
-                },
-            )
+        let rule = FileRule {
+            owners: &[uid, 0],
+            node_uid: uid,
+            cap: ARGS_FILE_CAP,
         };
-        match read(&[uid]) {
-            Ok(raw) => Ok((raw, true)),
-            Err(why) if why.contains("is owned by uid") => read(&[0]).map(|raw| (raw, false)),
-            Err(why) => Err(why),
-        }
+        let file = open_in_root(&self.root, Some(&self.cwd), Path::new(f), rule)?;
+        let owner = file
+            .metadata()
+            .map_err(|e| format!("cannot be examined ({e})"))?
+            .uid();
+        Ok((safe_open::read_capped(file, rule.cap)?, owner == uid))
     }
 }
 
