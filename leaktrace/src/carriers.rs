@@ -488,8 +488,7 @@ impl CarrierLedger {
         if self.res.pagemap.is_none() && self.res.error.is_none() {
             match Pagemap::open(pid) {
                 Ok(mut pm) => {
-                    let maps =
-                        std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+                    let maps = crate::target::maps_text(pid).unwrap_or_default();
                     let anon = resident::parse_anonymous_writable(&maps);
                     self.res.at_attach = Some(anon)
                         .filter(|m| resident::total(m) <= ATTACH_SNAPSHOT_MAX)

@@ -16,7 +16,7 @@ pub struct ImageView<'a> {
 impl<'a> ImageView<'a> {
     /// Finds the load bias of `exe` in PID's mappings (the PIE is mapped at a random base).
     pub fn find(pid: u32, exe: &Path, symbols: &'a SymbolTable) -> Option<ImageView<'a>> {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let maps = crate::target::maps_text(pid).ok()?;
         let exe = exe.to_str()?;
         let start = maps.lines().find_map(|line| {
             let mut fields = line.split_whitespace();

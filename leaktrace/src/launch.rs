@@ -123,13 +123,12 @@ impl HeldChild {
                 }
                 // The user's groups, then its gid, then its uid: after setuid nothing else can
                 // be changed, and a uid other than 0 ends every capability of the command.
-                if let Some((groups, uid, gid)) = &identity {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                if let Some((groups, uid, gid)) = &identity
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                         || libc::setgid(*gid) != 0
-                        || libc::setuid(*uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                        || libc::setuid(*uid) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 // Own process group: Ctrl-C meant for leaktrace must not reach the node
                 // (it would open the BREAK menu or kill it).

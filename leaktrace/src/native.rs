@@ -4,9 +4,8 @@
 //! it also names the frames of each allocation stack the kernel walked.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap},
-    fs,
-    io::Read,
 };
 
 use blazesym::{
@@ -25,9 +24,6 @@ use crate::recording::{
     native::{MAX_STACKS, NativeStack},
 };
 
-/// Largest /proc/PID/maps read (a hostile target cannot make the tracer read without end).
-const MAPS_CAP: u64 = 16 << 20;
-
 /// One file-backed mapping of the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -39,6 +35,8 @@ pub struct Mapping {
     pub path: String,
     /// Mapped executable: code.
     pub exec: bool,
+    /// Offset in the file of its first byte.
+    pub offset: u64,
 }
 
 /// Parses `/proc/PID/maps` text: file-backed mappings only.
@@ -48,7 +46,7 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
             let mut f = line.split_whitespace();
             let range = f.next()?;
             let perms = f.next()?;
-            let (_off, _dev, _inode) = (f.next()?, f.next()?, f.next()?);
+            let (off, _dev, _inode) = (f.next()?, f.next()?, f.next()?);
             let path: String = f.collect::<Vec<_>>().join(" ");
             let (a, b) = range.split_once('-')?;
             Some(Mapping {
@@ -56,18 +54,16 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
                 end: u64::from_str_radix(b, 16).ok()?,
                 path,
                 exec: perms.as_bytes().get(2) == Some(&b'x'),
+                offset: u64::from_str_radix(off, 16).ok()?,
             })
         })
         .filter(|m| m.path.starts_with('/'))
         .collect()
 }
 
-/// Reads the target's file-backed mappings (capped).
+/// Reads the target's file-backed mappings (capped: [`crate::target::maps_text`]).
 pub fn read_maps(pid: u32) -> Vec<Mapping> {
-    let mut text = String::new();
-    let _ = fs::File::open(format!("/proc/{pid}/maps"))
-        .and_then(|f| f.take(MAPS_CAP).read_to_string(&mut text));
-    parse_maps(&text)
+    parse_maps(&crate::target::maps_text(pid).unwrap_or_default())
 }
 
 /// The C library the target runs with, as it maps it.
@@ -119,6 +115,23 @@ pub struct NativeLedger {
     stacks_truncated: u64,
     /// Size and lifetime buckets per site as last put into the histograms.
     hist_seen: HashMap<u64, NativeHist>,
+    /// JIT function names (`+JPperf true`), read by leaktrace itself rather than by blazesym:
+    /// the file is the node's, so it goes through the safe open.
+    perf_map: crate::target::perf_map::PerfMapSource,
+    /// How each mapped object (by path) is symbolized.
+    objects: RefCell<HashMap<String, ObjectNames>>,
+}
+
+/// How the functions of one mapped object are named.
+enum ObjectNames {
+    /// By blazesym, which maps the file: only for files the node's user cannot write (owned by
+    /// root, not group- or world-writable), since a mapped file truncated under the tracer
+    /// would kill it with SIGBUS.
+    Blazesym,
+    /// From its symbol table, read in pieces through the safe open.
+    Own(crate::symbols::SymbolTable),
+    /// Not opened (refused or gone): left unnamed.
+    Unreadable,
 }
 
 impl std::fmt::Debug for NativeLedger {
@@ -149,6 +162,8 @@ impl NativeLedger {
             stack_ips: HashMap::new(),
             frame_names: HashMap::new(),
             stacks_truncated: 0,
+            perf_map: crate::target::perf_map::PerfMapSource::new(pid),
+            objects: RefCell::new(HashMap::new()),
         }
     }
 
@@ -351,7 +366,85 @@ impl NativeLedger {
     }
 
     /// Function names of return addresses (the call sites), best effort.
-    fn symbolize(&self, addrs: &[u64]) -> Vec<Option<String>> {
+    fn symbolize(&mut self, addrs: &[u64]) -> Vec<Option<String>> {
+        let mut names = self.symbolize_files(addrs);
+        // Code in no file, or in the JIT's memfd: named from the perf map, if the node has one.
+        let jit: Vec<usize> = (0..addrs.len())
+            .filter(|&i| names[i].is_none())
+            .filter(|&i| {
+                self.mapping_of(addrs[i])
+                    .is_none_or(|m| m.path.starts_with("/memfd:"))
+            })
+            .collect();
+        if jit.is_empty() {
+            return names;
+        }
+        if let Err(why) = self.perf_map.refresh() {
+            log::debug!("JIT names: {why}");
+        }
+        for i in jit {
+            names[i] = self.perf_map.map().name(addrs[i]).map(str::to_owned);
+        }
+        names
+    }
+
+    /// How the object mapped at `m` is named (decided once per path).
+    fn object_names(&self, m: &Mapping) -> std::cell::RefMut<'_, ObjectNames> {
+        use std::os::unix::fs::MetadataExt;
+        let mut objects = self.objects.borrow_mut();
+        if !objects.contains_key(&m.path) {
+            let names = match crate::target::open::open_mapped_object(self.pid, &self.maps, &m.path)
+            {
+                Ok((file, _)) => match file.metadata() {
+                    Ok(meta) if meta.uid() == 0 && meta.mode() & 0o022 == 0 => {
+                        ObjectNames::Blazesym
+                    }
+                    Ok(_) => crate::symbols::SymbolTable::from_file(file, &m.path)
+                        .map_or(ObjectNames::Unreadable, ObjectNames::Own),
+                    Err(_) => ObjectNames::Unreadable,
+                },
+                Err(why) => {
+                    log::debug!("{} {why}", m.path);
+                    ObjectNames::Unreadable
+                }
+            };
+            objects.insert(m.path.clone(), names);
+        }
+        std::cell::RefMut::map(objects, |o| o.get_mut(&m.path).expect("just inserted"))
+    }
+
+    /// Function names of addresses in mapped ELF files: blazesym for root's files, the
+    /// object's own symbol table for the others.
+    fn symbolize_files(&self, addrs: &[u64]) -> Vec<Option<String>> {
+        let mut names = vec![None; addrs.len()];
+        let mut for_blazesym = Vec::new();
+        for (i, &addr) in addrs.iter().enumerate() {
+            let Some(m) = self.mapping_of(addr) else {
+                for_blazesym.push(i);
+                continue;
+            };
+            match &*self.object_names(m) {
+                ObjectNames::Blazesym => for_blazesym.push(i),
+                ObjectNames::Own(table) => {
+                    names[i] = table
+                        .name_at_file_offset(addr - m.start + m.offset)
+                        .map(str::to_owned);
+                }
+                ObjectNames::Unreadable => {}
+            }
+        }
+        let batch: Vec<u64> = for_blazesym.iter().map(|&i| addrs[i]).collect();
+        for (i, name) in for_blazesym
+            .into_iter()
+            .zip(self.symbolize_blazesym(&batch))
+        {
+            names[i] = name;
+        }
+        names
+    }
+
+    /// Function names of addresses in root's ELF files (blazesym).
+    fn symbolize_blazesym(&self, addrs: &[u64]) -> Vec<Option<String>> {
         // Code in a deleted file or a memfd (the JIT's double mapping) has no ELF to read: one
         // such address fails the whole batch, so it is left out (named by its object).
         let (ok, skipped): (Vec<usize>, Vec<usize>) = (0..addrs.len()).partition(|&i| {
@@ -389,7 +482,11 @@ impl NativeLedger {
         }
         let mut process = Process::new(Pid::from(self.pid));
         process.debug_syms = false;
-        process.perf_map = true;
+        // The perf map is the node's file: read through the safe open (`self.perf_map`).
+        process.perf_map = false;
+        // ELF files are opened through /proc/PID/map_files: the very inode mapped, never a
+        // FIFO or a symlink the node put at the mapped path since.
+        process.map_files = true;
         let source = Source::Process(process);
         Ok(self
             .symbolizer
@@ -663,12 +760,14 @@ mod tests {
                 end: 0x2000,
                 path: "/x/beam.smp".into(),
                 exec: true,
+                offset: 0,
             },
             Mapping {
                 start: 0x5000,
                 end: 0x6000,
                 path: "/x/lt_native.so".into(),
                 exec: true,
+                offset: 0,
             },
         ];
         let site = |a, b| NativeSite {
@@ -756,6 +855,7 @@ mod tests {
             end: start + 0x1000,
             path: path.into(),
             exec: true,
+            offset: 0,
         };
         l.maps = vec![
             code(0x1000, "/x/beam.smp"),

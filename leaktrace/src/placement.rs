@@ -6,10 +6,9 @@
 //! still the pointer, at a fifth of the cost. The first bytes of each function are decoded at
 //! attach, so a libc built otherwise gets a probe at +0 rather than a wrong one.
 
-use std::{fs, path::Path};
-
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, Register};
-use object::{Object, ObjectSection};
+
+use crate::symbols::SymbolTable;
 
 /// How far into a function a probe may move.
 const WINDOW: usize = 32;
@@ -121,19 +120,12 @@ pub fn choose(code: &[u8], ip: u64, skip: Skip) -> Placement {
     })
 }
 
-/// Reads the first bytes of the function at virtual address `vaddr` in the ELF `path` and
+/// Reads the first bytes of the function at virtual address `vaddr` of the ELF whose
+/// `symbols` were read (only those bytes: the file is one the target may control) and
 /// chooses its probe offset.
-pub fn for_symbol(path: &Path, vaddr: u64, skip: Skip) -> Result<Placement, String> {
-    let data = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file = object::File::parse(&*data).map_err(|e| format!("{}: {e}", path.display()))?;
-    let section = file
-        .sections()
-        .find(|s| s.address() <= vaddr && vaddr < s.address() + s.size())
-        .ok_or_else(|| format!("no section of {} holds {vaddr:#x}", path.display()))?;
-    let bytes = section.data().map_err(|e| e.to_string())?;
-    let start = (vaddr - section.address()) as usize;
-    let end = (start + WINDOW).min(bytes.len());
-    Ok(choose(&bytes[start..end], vaddr, skip))
+pub fn for_symbol(symbols: &SymbolTable, vaddr: u64, skip: Skip) -> Result<Placement, String> {
+    let code = symbols.bytes_at(vaddr, WINDOW)?;
+    Ok(choose(&code, vaddr, skip))
 }
 
 #[cfg(test)]

@@ -371,18 +371,6 @@ pub fn stopping_keeps() -> u64 {
     mask(&["CAP_KILL"])
 }
 
-/// What the VM view's thread keeps: reading the node's environment, command line, sockets
-/// (CAP_SYS_PTRACE) and the cookie file its user owns (CAP_DAC_READ_SEARCH); entering a
-/// container's network namespace needs CAP_SYS_ADMIN (`setns`), kept only for such a node.
-pub fn vm_keeps(container: bool) -> u64 {
-    mask(&["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"])
-        | if container {
-            mask(&["CAP_SYS_ADMIN"])
-        } else {
-            0
-        }
-}
-
 #[repr(C)]
 struct CapHeader {
     version: u32,

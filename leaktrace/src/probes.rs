@@ -321,7 +321,8 @@ pub struct Tracer {
 struct Placed {
     program: &'static str,
     symbol: &'static str,
-    offset: u64,
+    /// File offset of the probed instruction.
+    file_offset: u64,
     binary: std::path::PathBuf,
     pid: NonZeroU32,
     link: Option<aya::programs::uprobe::UProbeLinkId>,
@@ -370,8 +371,8 @@ impl Tracer {
         symbols.require(&required_symbols(specs))?;
         let pid = NonZeroU32::new(pid).ok_or(Error::NoSuchProcess { pid })?;
         for spec in specs {
-            let outcome = if symbols.has(spec.symbol) {
-                self.attach_one(spec, binary, pid)
+            let outcome = if let Some(file_offset) = symbols.file_offset_of(spec.symbol) {
+                self.attach_one(spec, binary, file_offset, pid)
             } else {
                 Err(format!(
                     "{} does not export {}",
@@ -396,6 +397,7 @@ impl Tracer {
         &mut self,
         spec: &ProbeSpec,
         binary: &Path,
+        file_offset: u64,
         pid: NonZeroU32,
     ) -> Result<(), String> {
         let program: &mut UProbe = self
@@ -408,27 +410,32 @@ impl Tracer {
         if program.fd().is_err() {
             program.load().map_err(|e| format!("{e:#}"))?;
         }
+        // At the offset read here: given a symbol name, aya would open and map the file itself.
         program
-            .attach(spec.symbol, binary, UProbeScope::OneProcess(pid))
+            .attach(
+                UProbeAttachLocation::AbsoluteOffset(file_offset),
+                binary,
+                UProbeScope::OneProcess(pid),
+            )
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     }
 
-    /// Attaches native probes `specs` to `binary` (a path the target maps, opened through
-    /// `/proc/PID/root`) for process `pid`. Each entry probe goes on the first emulated
-    /// instruction its arguments survive to; what was chosen is in the probe table. Fails only
-    /// when none of the `essential` programs attached.
+    /// Attaches native probes `specs` to `binary` (a path the kernel resolves to the very file
+    /// the target maps: `/proc/PID/exe`, `/proc/PID/map_files/...`, or `/proc/self/fd/N` of
+    /// the file `symbols` were read from) for process `pid`. Each entry probe goes on the first
+    /// emulated instruction its arguments survive to; what was chosen is in the probe table.
+    /// Fails only when none of the `essential` programs attached.
     pub fn attach_native(
         &mut self,
         binary: &Path,
+        symbols: &SymbolTable,
         pid: u32,
         specs: &[NativeSpec],
         essential: &[&str],
     ) -> Result<(), String> {
         let libc = binary;
         let pid = NonZeroU32::new(pid).ok_or("PID 0")?;
-        let symbols =
-            SymbolTable::read(libc, &libc.display().to_string()).map_err(|e| e.to_string())?;
         let mut seen: Vec<(&str, u64)> = Vec::new();
         for spec in specs {
             let stat = ProbeSpec {
@@ -456,7 +463,7 @@ impl Tracer {
             let offset = if spec.ret {
                 0
             } else {
-                match placement::for_symbol(libc, vaddr, spec.skip) {
+                match placement::for_symbol(symbols, vaddr, spec.skip) {
                     Ok(p) => {
                         self.placements.insert(
                             (spec.program, spec.symbol),
@@ -479,12 +486,23 @@ impl Tracer {
                     }
                 }
             };
-            let outcome = match self.attach_at(spec.program, spec.symbol, offset, libc, pid) {
+            let Some(file_offset) = symbols.file_offset(vaddr + offset) else {
+                self.probes.push((
+                    stat,
+                    Err(format!(
+                        "{} has no file bytes at {}'s address",
+                        libc.display(),
+                        spec.symbol
+                    )),
+                ));
+                continue;
+            };
+            let outcome = match self.attach_at(spec.program, file_offset, libc, pid) {
                 Ok(link) => {
                     self.placed.push(Placed {
                         program: spec.program,
                         symbol: spec.symbol,
-                        offset,
+                        file_offset,
                         binary: libc.to_path_buf(),
                         pid,
                         link: Some(link),
@@ -512,8 +530,7 @@ impl Tracer {
     fn attach_at(
         &mut self,
         program: &str,
-        symbol: &str,
-        offset: u64,
+        file_offset: u64,
         binary: &Path,
         pid: NonZeroU32,
     ) -> Result<aya::programs::uprobe::UProbeLinkId, String> {
@@ -526,13 +543,12 @@ impl Tracer {
         if program.fd().is_err() {
             program.load().map_err(|e| format!("{e:#}"))?;
         }
-        let location = if offset == 0 {
-            UProbeAttachLocation::Symbol(symbol)
-        } else {
-            UProbeAttachLocation::SymbolOffset(symbol, offset)
-        };
         program
-            .attach(location, binary, UProbeScope::OneProcess(pid))
+            .attach(
+                UProbeAttachLocation::AbsoluteOffset(file_offset),
+                binary,
+                UProbeScope::OneProcess(pid),
+            )
             .map_err(|e| format!("{e:#}"))
     }
 
@@ -577,11 +593,20 @@ impl Tracer {
             .iter()
             .enumerate()
             .filter(|(_, p)| p.link.is_none() && programs.contains(&p.program))
-            .map(|(i, p)| (i, p.program, p.symbol, p.offset, p.binary.clone(), p.pid))
+            .map(|(i, p)| {
+                (
+                    i,
+                    p.program,
+                    p.symbol,
+                    p.file_offset,
+                    p.binary.clone(),
+                    p.pid,
+                )
+            })
             .collect();
         let mut failed = 0;
-        for (i, program, symbol, offset, binary, pid) in todo {
-            match self.attach_at(program, symbol, offset, &binary, pid) {
+        for (i, program, symbol, file_offset, binary, pid) in todo {
+            match self.attach_at(program, file_offset, &binary, pid) {
                 Ok(link) => self.placed[i].link = Some(link),
                 Err(e) => {
                     log::warn!("re-attaching {program} on {symbol}: {e}");

@@ -519,7 +519,7 @@ impl Pagemap {
 /// Anonymous, private, writable mappings of `pid` (`/proc/PID/maps`: no path, or `[heap]`),
 /// where a process's carriers, caches and malloc arenas live.
 pub fn anonymous_writable_mappings(pid: u32) -> io::Result<Vec<Range>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let text = crate::target::maps_text(pid)?;
     Ok(parse_anonymous_writable(&text))
 }
 

@@ -52,6 +52,8 @@ struct Traced {
     exe_for_maps: PathBuf,
     symbols: SymbolTable,
     child: Option<Child>,
+    /// Why the OTP release is unknown, for the source notes.
+    release_unknown: Option<String>,
 }
 
 /// Traces per `launch` and `cfg`; the recording holds everything gathered, also after Ctrl-C
@@ -89,6 +91,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                 ),
                 symbols,
                 child: None,
+                release_unknown: proc.otp_release_unknown,
             };
             sample_loop(traced, tracer, cfg).await
         }
@@ -126,6 +129,7 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                 return Err(e);
             }
             let cmdline = target::read_cmdline(pid).unwrap_or_default();
+            let release = target::otp_release(pid, &beam, &cmdline);
             let traced = Traced {
                 pid,
                 start_time: target::start_time(pid),
@@ -133,13 +137,14 @@ pub async fn trace(launch: &Launch, cfg: &TraceConfig) -> Result<Finished, Error
                 target: Target {
                     pid,
                     exe: beam.display().to_string(),
-                    otp_release: target::otp_release(&beam, &cmdline),
+                    otp_release: release.as_ref().ok().cloned(),
                     node: target::node_name(&cmdline),
                     cgroup: crate::cgroup::locate(pid).ok().map(|l| l.describe()),
                 },
                 exe_for_maps: fs::canonicalize(&beam).unwrap_or(beam),
                 symbols,
                 child: Some(child),
+                release_unknown: release.err(),
             };
             sample_loop(traced, tracer, cfg).await
         }
@@ -170,6 +175,8 @@ struct NativeProbes {
     ledger: Option<crate::native::NativeLedger>,
     attached_at_s: Option<f64>,
     libc: Option<String>,
+    /// The libc file read, held open for as long as its probes are.
+    libc_symbols: Option<SymbolTable>,
     reason: String,
     /// `--stacks`: frames of user stack per allocation call (0: none).
     stacks: u32,
@@ -183,6 +190,7 @@ impl NativeProbes {
             ledger: None,
             attached_at_s: None,
             libc: None,
+            libc_symbols: None,
             reason: match mode {
                 NativeMode::Auto => {
                     "--native auto: memory outside ERTS carriers did not grow".into()
@@ -201,8 +209,23 @@ impl NativeProbes {
             self.mode = NativeMode::Off;
             return;
         };
-        // The very file the target maps, also for a node in a container.
-        let path = crate::namespace::host_path(traced.pid, &libc);
+        // The very file the target maps (its map_files link), also in a container; checked to
+        // be a regular file of sane size before a byte of it is read.
+        let (path, symbols) =
+            match crate::target::open::open_mapped_object(traced.pid, &maps, &libc)
+                .map_err(|why| format!("{libc} {why}"))
+                .and_then(|(file, path)| {
+                    SymbolTable::from_file(file, &libc)
+                        .map(|symbols| (path, symbols))
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    self.reason = format!("{why}, but the target's libc cannot be read: {e}");
+                    self.mode = NativeMode::Off;
+                    return;
+                }
+            };
         // Before the entry probes attach: every call they see captures its stack, or none does.
         if self.stacks > 0
             && let Err(e) = tracer.set_stack_depth(self.stacks)
@@ -212,6 +235,7 @@ impl NativeProbes {
         }
         let libc_probes = tracer.attach_native(
             &path,
+            &symbols,
             traced.pid,
             NATIVE_PROBES,
             &["native_malloc", "native_calloc"],
@@ -219,6 +243,7 @@ impl NativeProbes {
         // The NIF API lives in beam.smp: its memory is inside carriers, its caller names the NIF.
         if let Err(e) = tracer.attach_native(
             &traced.image,
+            &traced.symbols,
             traced.pid,
             NIF_API_PROBES,
             &["nif_alloc", "nif_resource"],
@@ -236,6 +261,8 @@ impl NativeProbes {
                 self.attached_at_s = Some(t_s);
                 self.reason = why;
                 self.libc = Some(libc);
+                // Its descriptor stays open while the probes may be put back (`/proc/self/fd/N`).
+                self.libc_symbols = Some(symbols);
             }
             Err(e) => {
                 self.reason = format!("{why}, but attaching failed: {e}");
@@ -398,7 +425,13 @@ impl BlockProbes {
             }
         };
         let specs = crate::probes::block_specs(&used);
-        match tracer.attach_native(&traced.image, traced.pid, &specs, &["block_alloc"]) {
+        match tracer.attach_native(
+            &traced.image,
+            &traced.symbols,
+            traced.pid,
+            &specs,
+            &["block_alloc"],
+        ) {
             Ok(()) => {
                 self.ledger = Some(crate::blocks::BlockLedger::new(
                     names,
@@ -600,23 +633,15 @@ struct Privileges {
 }
 
 impl Privileges {
-    /// Records what the run starts with, and what the VM view's thread keeps (it gives up
-    /// the rest itself when it starts, see [`crate::vm::view::VmWorker::spawn`]).
-    fn new(pid: u32, vm: bool) -> Privileges {
+    /// Records what the run starts with. The VM connection and every reply live in a process
+    /// of their own without privileges (`vm::sandbox`).
+    fn new() -> Privileges {
         let held = privilege::thread_effective();
-        let mut phases = vec![crate::recording::PrivilegePhase {
+        let phases = vec![crate::recording::PrivilegePhase {
             phase: "attach".into(),
             at_s: 0.0,
             held: privilege::names(held),
         }];
-        if vm {
-            let container = crate::namespace::is_other(pid, "net") == Some(true);
-            phases.push(crate::recording::PrivilegePhase {
-                phase: "VM view thread".into(),
-                at_s: 0.0,
-                held: privilege::names(held & privilege::vm_keeps(container)),
-            });
-        }
         Privileges { phases, held }
     }
 
@@ -724,7 +749,7 @@ async fn sample_loop(
     learned.learn(&traced, &mut ledger);
 
     let start = Instant::now();
-    let mut privileges = Privileges::new(traced.pid, cfg.vm.is_some());
+    let mut privileges = Privileges::new();
     let mut vm = VmWorker::spawn(traced.pid, cfg.vm.as_ref(), start);
 
     // The baseline after the first drain: carriers made between attach and now are in both
@@ -880,6 +905,9 @@ async fn sample_loop(
     let vm_connection = vm_evidence.as_ref().is_some_and(|e| !e.samples.is_empty());
     let mut source_notes: Vec<String> = vec![vm_note];
     source_notes.extend(container_notes);
+    if let Some(why) = &traced.release_unknown {
+        source_notes.push(format!("OTP release unknown: {why}"));
+    }
     if let Some(e) = vm_evidence
         .as_ref()
         .filter(|e| !e.disabled_allocators.is_empty())

@@ -9,6 +9,8 @@ mod containers;
 mod faults;
 #[path = "beam/hostile_access.rs"]
 mod hostile_access;
+#[path = "beam/hostile_files.rs"]
+mod hostile_files;
 #[path = "beam/hostile_replies.rs"]
 mod hostile_replies;
 #[path = "beam/live.rs"]

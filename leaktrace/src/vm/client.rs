@@ -343,6 +343,15 @@ impl Connection {
         self.end(error);
     }
 
+    /// The call (`m:f/a`) waiting on `key`, for messages; empty when none is.
+    fn call_of(&self, key: &[u32]) -> String {
+        lock(&self.state)
+            .pending
+            .get(key)
+            .map(|p| p.call.clone())
+            .unwrap_or_default()
+    }
+
     fn answer(&self, key: &[u32], result: Result<Term, VmError>) {
         let waiting = lock(&self.state).pending.remove(key);
         // A reply nobody waits for (its call timed out, or never made) is dropped.
@@ -429,11 +438,7 @@ fn handle_frame(conn: &Connection, frame: &[u8]) -> Result<(), WireError> {
                 other => Err(other),
             };
             let key = r.id.clone();
-            let call = lock(&conn.state)
-                .pending
-                .get(&key)
-                .map(|p| p.call.clone())
-                .unwrap_or_default();
+            let call = conn.call_of(&key);
             conn.answer(
                 &key,
                 result.map_err(|reason| VmError::Call {
@@ -445,11 +450,7 @@ fn handle_frame(conn: &Connection, frame: &[u8]) -> Result<(), WireError> {
         // {31, ReqId, To, Flags, Result}: an atom result means the spawn failed.
         (OP_SPAWN_REPLY, [_, Term::Reference(r), _, _, Term::Atom(why)]) => {
             let key = r.id.clone();
-            let call = lock(&conn.state)
-                .pending
-                .get(&key)
-                .map(|p| p.call.clone())
-                .unwrap_or_default();
+            let call = conn.call_of(&key);
             conn.answer(
                 &key,
                 Err(VmError::Call {

@@ -10,13 +10,8 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    ffi::CString,
     fs::{self, File},
     io::{BufRead, BufReader, Read},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt, fs::MetadataExt, fs::OpenOptionsExt},
-    },
     path::{Path, PathBuf},
 };
 
@@ -186,186 +181,15 @@ pub fn target_uid(pid: u32) -> Option<u32> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Safe reads inside the target's root
+// Safe reads inside the target's root: the one safe open, in `crate::target::open`
 
-/// Why a file named by the target was not used.
-pub type Refusal = String;
-
-fn errno_reason(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => "does not exist".into(),
-        Some(libc::ELOOP) => "is reached through a symlink: refused".into(),
-        Some(libc::EXDEV) => "points outside the node's root: refused".into(),
-        Some(libc::ENOSYS) => "cannot be opened safely (openat2 needs Linux 5.6+): refused".into(),
-        Some(libc::ENOTDIR) => "has a path component that is not a directory".into(),
-        _ => format!("cannot be opened ({e})"),
-    }
-}
-
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-fn openat2(dirfd: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
-    let cpath = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let how = OpenHow {
-        flags: flags as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: valid NUL-terminated path and a properly sized open_how that outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd.as_raw_fd(),
-            cpath.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Opens the directory `path` as named by the target, inside `root` (normally
-/// `/proc/PID/root`), with no symlink followed; for listing it (`/proc/self/fd/N`).
-pub fn open_dir_in_root(root: &Path, path: &Path) -> Result<OwnedFd, Refusal> {
-    let dirfd: OwnedFd = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(root)
-        .map_err(|e| format!("cannot be looked up: cannot open {} ({e})", root.display()))?
-        .into();
-    openat2(
-        &dirfd,
-        path,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-    )
-    .map_err(|e| errno_reason(&e))
-}
-
-/// Which files may be read: who must own them, and how large they may be.
-#[derive(Clone, Copy, Debug)]
-pub struct FileRule<'a> {
-    /// Acceptable owners (uids).
-    pub owners: &'a [u32],
-    /// The uid named in messages ("not the node's uid N").
-    pub node_uid: u32,
-    /// Largest size accepted; at most this many bytes are read.
-    pub cap: u64,
-}
-
-/// Reads `path` as named by the target, resolved inside `root` (a directory standing for the
-/// target's `/` — normally `/proc/PID/root`; a relative `path` is resolved the same way inside
-/// `base`, normally `/proc/PID/cwd`). Symlinks anywhere in the path are refused; the file must
-/// be a regular file owned by one of `rule.owners`, readable by its owner, and no larger than
-/// `rule.cap`. Nothing but such a file is ever opened for reading (the path is opened `O_PATH`
-/// first, so a device or FIFO is never opened).
-pub fn read_in_root(
-    root: &Path,
-    base: Option<&Path>,
-    path: &Path,
-    rule: FileRule<'_>,
-) -> Result<Vec<u8>, Refusal> {
-    let dir = if path.is_absolute() {
-        root
-    } else {
-        base.unwrap_or(root)
-    };
-    let dirfd: OwnedFd = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(dir)
-        .map_err(|e| format!("cannot be looked up: cannot open {} ({e})", dir.display()))?
-        .into();
-    let pathfd = openat2(
-        &dirfd,
-        path,
-        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-    )
-    .map_err(|e| errno_reason(&e))?;
-    let meta = File::from(pathfd.try_clone().map_err(|e| e.to_string())?)
-        .metadata()
-        .map_err(|e| format!("cannot be examined ({e})"))?;
-    check_meta(&meta, rule)?;
-    // Re-open the very inode found, for reading, through our own descriptor.
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(format!("/proc/self/fd/{}", pathfd.as_raw_fd()))
-        .map_err(|e| format!("cannot be opened ({e})"))?;
-    let again = file
-        .metadata()
-        .map_err(|e| format!("cannot be examined ({e})"))?;
-    if (again.dev(), again.ino()) != (meta.dev(), meta.ino()) {
-        return Err("changed while being opened: refused".into());
-    }
-    check_meta(&again, rule)?;
-    let mut buf = Vec::new();
-    file.take(rule.cap + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot be read ({e})"))?;
-    if buf.len() as u64 > rule.cap {
-        return Err(format!("is larger than {} bytes: refused", rule.cap));
-    }
-    Ok(buf)
-}
-
-fn check_meta(meta: &fs::Metadata, rule: FileRule<'_>) -> Result<(), Refusal> {
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        return Err("is a symlink: refused".into());
-    }
-    if !ft.is_file() {
-        return Err("is not a regular file: refused".into());
-    }
-    if !rule.owners.contains(&meta.uid()) {
-        return Err(format!(
-            "is owned by uid {}, not the node's uid {}: refused",
-            meta.uid(),
-            rule.node_uid
-        ));
-    }
-    if meta.mode() & 0o400 == 0 {
-        return Err("is not readable by its owner: refused".into());
-    }
-    if meta.len() > rule.cap {
-        return Err(format!(
-            "is {} bytes, more than the {} a file of this kind may have: refused",
-            meta.len(),
-            rule.cap
-        ));
-    }
-    Ok(())
-}
-
-/// Reads a file the operator named (`--cookie-file`): a regular file, at most `cap` bytes.
-pub fn read_operator_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.len() > cap {
-        return Err(format!("{} bytes, more than {cap}", meta.len()));
-    }
-    let mut buf = Vec::new();
-    file.take(cap)
-        .read_to_end(&mut buf)
-        .map_err(|e| e.to_string())?;
-    Ok(buf)
-}
+use crate::target::open::{self as safe_open, open_in_root};
+pub use crate::target::open::{
+    FileRule, Refusal, open_dir_in_root, read_in_root, read_operator_file,
+};
+// The tests below make FIFOs by path.
+#[cfg(test)]
+use std::{ffi::CString, os::unix::ffi::OsStrExt};
 
 // ---------------------------------------------------------------------------------------------
 // Start-up arguments: command line, ERL_*FLAGS, -args_file
@@ -539,30 +363,25 @@ impl TargetFs {
         }
     }
 
-    /// An args file and whether the node's user owns it (else root does). Each answer comes
-    /// from one safe read, so a file swapped between the two reads is still judged by what was
+    /// An args file and whether the node's user owns it (else root does): the owner is read
+    /// from the very file opened and read, so a file swapped meanwhile is judged by what was
     /// read.
     fn read_args_file(&self, f: &str) -> Result<(Vec<u8>, bool), Refusal> {
+        use std::os::unix::fs::MetadataExt as _;
         let uid = self
             .uid
             .ok_or("cannot be checked: the node's uid is unknown")?;
-        let read = |owners: &[u32]| {
-            read_in_root(
-                &self.root,
-                Some(&self.cwd),
-                Path::new(f),
-                FileRule {
-                    owners,
-                    node_uid: uid,
-                    cap: ARGS_FILE_CAP,
-                },
-            )
+        let rule = FileRule {
+            owners: &[uid, 0],
+            node_uid: uid,
+            cap: ARGS_FILE_CAP,
         };
-        match read(&[uid]) {
-            Ok(raw) => Ok((raw, true)),
-            Err(why) if why.contains("is owned by uid") => read(&[0]).map(|raw| (raw, false)),
-            Err(why) => Err(why),
-        }
+        let file = open_in_root(&self.root, Some(&self.cwd), Path::new(f), rule)?;
+        let owner = file
+            .metadata()
+            .map_err(|e| format!("cannot be examined ({e})"))?
+            .uid();
+        Ok((safe_open::read_capped(file, rule.cap)?, owner == uid))
     }
 }
 

@@ -198,13 +198,6 @@ impl VmWorker {
         let spawned = thread::Builder::new()
             .name("leaktrace-vm-view".into())
             .spawn(move || {
-                // This thread talks to the node, whose answers are hostile input: it keeps only
-                // what finding and reaching the node needs (see privilege::vm_keeps), and the
-                // threads it starts inherit no more.
-                let container = crate::namespace::is_other(pid, "net") == Some(true);
-                if let Err(e) = crate::privilege::keep_only(crate::privilege::vm_keeps(container)) {
-                    log::warn!("the VM view cannot give up capabilities: {e}");
-                }
                 run_worker(pid, &access, &shared, &rx, start);
                 let _ = done_tx.send(());
             });

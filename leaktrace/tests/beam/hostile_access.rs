@@ -119,15 +119,6 @@ fn capabilities_are_given_up_once_the_probes_are_placed() {
             // --native auto may still attach: what attaching needs is kept, nothing else.
             assert_eq!(main.1, reading | attaching, "{ctx}");
         }
-        for (name, eff) in &threads {
-            if name.starts_with("leaktrace-vm") || name == "async-io" {
-                assert_eq!(
-                    *eff & !(SYS_PTRACE | DAC_READ_SEARCH),
-                    0,
-                    "{name} holds {eff:x}: {ctx}"
-                );
-            }
-        }
         let report: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
         let rec = &report;
@@ -135,7 +126,6 @@ fn capabilities_are_given_up_once_the_probes_are_placed() {
         let phases = rec["privileges"].as_array().expect("privileges recorded");
         let names: Vec<&str> = phases.iter().filter_map(|p| p["phase"].as_str()).collect();
         assert_eq!(names[0], "attach", "{names:?}");
-        assert!(names.contains(&"VM view thread"), "{names:?}");
         let tracing = phases
             .iter()
             .find(|p| p["phase"].as_str().unwrap_or("").starts_with("tracing"))

@@ -1,8 +1,12 @@
 //! The traced process: checks that a PID is a live beam.smp and reads what the report needs
 //! (executable, OTP release, node name) from procfs.
 
+pub mod open;
+pub mod perf_map;
+
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read},
     path::{Path, PathBuf},
 };
 
@@ -29,6 +33,8 @@ pub struct TargetProcess {
     pub image: PathBuf,
     /// OTP release (e.g. "25"), from `ROOTDIR/releases/*/OTP_VERSION`.
     pub otp_release: Option<String>,
+    /// Why the OTP release is unknown (a refused or missing `OTP_VERSION`), for the report.
+    pub otp_release_unknown: Option<String>,
     /// `-sname`/`-name` from the command line.
     pub node: Option<String>,
 }
@@ -68,15 +74,15 @@ pub fn inspect(pid: u32) -> Result<TargetProcess, Error> {
     }
     let cmdline = read_cmdline(pid).unwrap_or_default();
     // In a container the paths are the container's: read them inside its root.
-    let otp_release = if crate::namespace::is_other(pid, "mnt") == Some(true) {
-        otp_release_in_root(pid, &exe, &cmdline)
-    } else {
-        otp_release(&exe, &cmdline)
+    let (otp_release, otp_release_unknown) = match otp_release(pid, &exe, &cmdline) {
+        Ok(release) => (Some(release), None),
+        Err(why) => (None, Some(why)),
     };
     Ok(TargetProcess {
         pid,
         image: PathBuf::from(format!("/proc/{pid}/exe")),
         otp_release,
+        otp_release_unknown,
         node: node_name(&cmdline),
         exe,
     })
@@ -108,58 +114,94 @@ pub fn node_name(cmdline: &[String]) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// OTP release: `-root DIR` from the command line, else the directory above `erts-X/bin`;
-/// then the single `DIR/releases/*/OTP_VERSION`.
-pub fn otp_release(exe: &Path, cmdline: &[String]) -> Option<String> {
-    let root = flag_value(cmdline, "-root")
-        .map(PathBuf::from)
-        .or_else(|| exe.parent()?.parent()?.parent().map(Path::to_path_buf))?;
-    let mut releases = fs::read_dir(root.join("releases")).ok()?;
-    releases.find_map(|entry| {
-        let version = fs::read_to_string(entry.ok()?.path().join("OTP_VERSION")).ok()?;
-        Some(version.trim().to_owned())
-    })
-}
-
 /// Most entries of a `releases` directory looked at.
 const RELEASES_CAP: usize = 64;
 /// Largest `OTP_VERSION` file read.
 const OTP_VERSION_CAP: u64 = 64;
+/// Largest `/proc/PID/maps` read: a target with millions of mappings cannot make the tracer
+/// read (and hold) without end.
+pub const MAPS_CAP: u64 = 16 << 20;
 
-/// [`otp_release`] of a target in another mount namespace: the directories are the
-/// container's, opened inside `/proc/PID/root` with no symlink followed, and `OTP_VERSION`
-/// read only if it is a small regular file owned by root or the node's user.
-pub fn otp_release_in_root(pid: u32, exe: &Path, cmdline: &[String]) -> Option<String> {
+/// `/proc/PID/maps` of `pid`, at most [`MAPS_CAP`] bytes (a cut last line is dropped).
+pub fn maps_text(pid: u32) -> io::Result<String> {
+    let mut raw = Vec::new();
+    fs::File::open(format!("/proc/{pid}/maps"))?
+        .take(MAPS_CAP)
+        .read_to_end(&mut raw)?;
+    if raw.len() as u64 == MAPS_CAP
+        && let Some(end) = raw.iter().rposition(|b| *b == b'\n')
+    {
+        raw.truncate(end + 1);
+    }
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// OTP release of `pid` (e.g. "25"): from `DIR/releases/*/OTP_VERSION`, where DIR is
+/// `-root DIR` from its command line, else (or when that gives nothing) the directory above
+/// `erts-X/bin` of its executable `exe`. The paths are the node's, so they are opened inside
+/// `/proc/PID/root` (its own tree, also in a container) with no symlink followed anywhere,
+/// the directory listing is capped, and `OTP_VERSION` is read only if it is a small regular
+/// file owned by root or the node's user. The error says why the release is unknown.
+pub fn otp_release(pid: u32, exe: &Path, cmdline: &[String]) -> Result<String, open::Refusal> {
+    let from_flag = flag_value(cmdline, "-root").map(PathBuf::from);
+    let from_exe = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .filter(|dir| from_flag.as_ref() != Some(dir));
+    let mut first_refusal = None;
+    for otp_root in [from_flag, from_exe].into_iter().flatten() {
+        match release_in(pid, &otp_root) {
+            Ok(release) => return Ok(release),
+            Err(why) => {
+                first_refusal.get_or_insert(why);
+            }
+        }
+    }
+    Err(first_refusal.unwrap_or_else(|| {
+        "no -root on its command line and no OTP directory above its executable".into()
+    }))
+}
+
+/// The release in `otp_root/releases/*/OTP_VERSION`, as [`otp_release`] reads it.
+fn release_in(pid: u32, otp_root: &Path) -> Result<String, open::Refusal> {
     use std::os::fd::AsRawFd;
 
-    use crate::vm::discover::{FileRule, open_dir_in_root, read_in_root};
+    use open::{FileRule, open_dir_in_root, read_in_root};
 
     let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let otp_root = flag_value(cmdline, "-root")
-        .map(PathBuf::from)
-        .or_else(|| exe.parent()?.parent()?.parent().map(Path::to_path_buf))?;
     let releases = otp_root.join("releases");
-    let dir = open_dir_in_root(&root, &releases).ok()?;
-    let uid = crate::vm::discover::target_uid(pid)?;
+    let dir = open_dir_in_root(&root, &releases)
+        .map_err(|why| format!("{}: {why}", releases.display()))?;
+    let uid = crate::vm::discover::target_uid(pid).ok_or("the node's uid is unreadable")?;
     let rule = FileRule {
         owners: &[0, uid],
         node_uid: uid,
         cap: OTP_VERSION_CAP,
     };
-    fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
-        .ok()?
-        .take(RELEASES_CAP)
-        .find_map(|entry| {
-            let name = entry.ok()?.file_name();
-            let file = releases.join(name).join("OTP_VERSION");
-            let raw = read_in_root(&root, None, &file, rule).ok()?;
-            let version = String::from_utf8(raw).ok()?;
-            let version = version.trim();
-            (!version.is_empty()
-                && version.len() < 32
-                && version.bytes().all(|b| b.is_ascii_graphic()))
-            .then(|| version.to_owned())
-        })
+    let entries = fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .map_err(|e| format!("{}: cannot be listed ({e})", releases.display()))?;
+    let mut last_refusal = None;
+    for entry in entries.take(RELEASES_CAP) {
+        let Ok(entry) = entry else { continue };
+        let file = releases.join(entry.file_name()).join("OTP_VERSION");
+        match read_in_root(&root, None, &file, rule) {
+            Ok(raw) => {
+                let version = String::from_utf8_lossy(&raw);
+                let version = version.trim();
+                if !version.is_empty()
+                    && version.len() < 32
+                    && version.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Ok(version.to_owned());
+                }
+                last_refusal = Some(format!("{}: not a version number", file.display()));
+            }
+            Err(why) => last_refusal = Some(format!("{}: {why}", file.display())),
+        }
+    }
+    Err(last_refusal.unwrap_or_else(|| format!("{} holds no release", releases.display())))
 }
 
 #[cfg(test)]
@@ -191,6 +233,25 @@ mod tests {
         let cmd = args(&["beam.smp", "--", "-name", "a@h.example"]);
         assert_eq!(node_name(&cmd).as_deref(), Some("a@h.example"));
         assert_eq!(node_name(&args(&["beam.smp", "-sname"])), None);
+    }
+
+    #[test]
+    fn own_release_refusal_names_the_file_and_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = dir.path().join("releases/x");
+        fs::create_dir_all(&x).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", x.join("OTP_VERSION")).unwrap();
+        let root = dir.path().to_str().unwrap();
+        let cmd = args(&["beam.smp", "--", "-root", root]);
+        let e = otp_release(std::process::id(), Path::new("/nonexistent"), &cmd).unwrap_err();
+        assert!(e.contains("OTP_VERSION") && e.contains("symlink"), "{e}");
+        fs::remove_file(x.join("OTP_VERSION")).unwrap();
+        fs::write(x.join("OTP_VERSION"), "26.1\n").unwrap();
+        // Owned by this test's user, which is the process's own uid: accepted.
+        assert_eq!(
+            otp_release(std::process::id(), Path::new("/nonexistent"), &cmd).as_deref(),
+            Ok("26.1")
+        );
     }
 
     #[test]
