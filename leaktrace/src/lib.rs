@@ -5,7 +5,6 @@
 //! `report`. `session` runs it.
 
 pub mod blocks;
-pub mod breakdown;
 pub mod bundle;
 pub mod carriers;
 pub mod cgroup;

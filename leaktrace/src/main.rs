@@ -160,10 +160,13 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
         out(render::text(&snapshot).trim_end());
         // Without carrier probes the ERTS ranges are unknown: carriers count with the anonymous
         // lines, and the VM's own figure stands beside them.
-        match leaktrace::breakdown::measure(pid, &leaktrace::breakdown::ErtsRanges::default()) {
+        match leaktrace::target::breakdown::measure(
+            pid,
+            &leaktrace::target::breakdown::ErtsRanges::default(),
+        ) {
             Ok(b) => out(&format!(
                 "{} (VM: {} MiB allocated)",
-                leaktrace::breakdown::summary_line("now", &b),
+                leaktrace::target::breakdown::summary_line("now", &b),
                 sample.allocated() >> 20
             )),
             Err(e) => out(&format!("resident breakdown unavailable: {e}")),

@@ -879,7 +879,11 @@ pub fn terminal_summary(report: &Report) -> String {
     if let Some(levels) = &report.recording.resident {
         for (label, b) in [("at attach", &levels.at_attach), ("at end", &levels.at_end)] {
             if let Some(b) = b {
-                let _ = write!(o, "\n  {}", crate::breakdown::summary_line(label, b));
+                let _ = write!(
+                    o,
+                    "\n  {}",
+                    crate::target::breakdown::summary_line(label, b)
+                );
             }
         }
     }

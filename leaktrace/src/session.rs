@@ -760,8 +760,11 @@ async fn sample_loop(
     };
     let baseline = rss0.anon;
     // The level at attach: where the resident memory already lies before any trend exists.
-    let resident_at_attach =
-        crate::breakdown::measure(traced.pid, &crate::breakdown::ErtsRanges::default()).ok();
+    let resident_at_attach = crate::target::breakdown::measure(
+        traced.pid,
+        &crate::target::breakdown::ErtsRanges::default(),
+    )
+    .ok();
     let first = ledger::sample(
         0.0,
         rss0,
@@ -968,11 +971,14 @@ async fn sample_loop(
         ));
     }
 
-    let resident_at_end =
-        crate::breakdown::measure(traced.pid, &crate::breakdown::ErtsRanges::default()).ok();
+    let resident_at_end = crate::target::breakdown::measure(
+        traced.pid,
+        &crate::target::breakdown::ErtsRanges::default(),
+    )
+    .ok();
     let recording = Recording {
         resident: (resident_at_attach.is_some() || resident_at_end.is_some()).then_some({
-            crate::recording::ResidentLevels {
+            crate::recording::resident::ResidentLevels {
                 at_attach: resident_at_attach,
                 at_end: resident_at_end,
             }

@@ -1606,8 +1606,8 @@ mod tests {
 #[cfg(test)]
 mod resident_level_tests {
     use super::*;
-    use crate::breakdown::Breakdown;
-    use crate::recording::ResidentLevels;
+    use crate::recording::resident::Breakdown;
+    use crate::recording::resident::ResidentLevels;
 
     fn with_arenas(arenas: u64) -> Recording {
         let mut rec: Recording =

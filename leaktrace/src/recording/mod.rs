@@ -15,6 +15,7 @@ use crate::error::Error;
 pub mod blocks;
 pub mod histograms;
 pub mod native;
+pub mod resident;
 pub mod vm;
 pub use native::{NativeEvidence, NativeModule, NativePoint};
 pub use vm::{
@@ -171,7 +172,7 @@ pub struct Recording {
     pub blocks: Option<blocks::BlockEvidence>,
     /// Where the resident memory lay at attach and at the end (older recordings have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resident: Option<ResidentLevels>,
+    pub resident: Option<resident::ResidentLevels>,
     /// Size and lifetime distributions (HdrHistograms over time), when measured.
     #[serde(default, skip_serializing_if = "histograms::Histograms::is_empty")]
     pub histograms: histograms::Histograms,
@@ -953,13 +954,4 @@ mod fuzz {
             Recording::read(&path).unwrap();
         }
     }
-}
-
-/// The resident breakdown at attach and at the end of a run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ResidentLevels {
-    /// Measured right after the probes were placed.
-    pub at_attach: Option<crate::breakdown::Breakdown>,
-    /// Measured when tracing stopped (`None` when the target had exited).
-    pub at_end: Option<crate::breakdown::Breakdown>,
 }

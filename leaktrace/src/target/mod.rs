@@ -1,6 +1,8 @@
 //! The traced process: checks that a PID is a live beam.smp and reads what the report needs
 //! (executable, OTP release, node name) from procfs.
 
+pub mod breakdown;
+pub mod glibc_heap;
 pub mod open;
 pub mod perf_map;
 
