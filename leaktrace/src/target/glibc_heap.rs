@@ -690,7 +690,7 @@ impl Walker<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::RefCell, collections::BTreeMap};
+    use std::{cell::RefCell, collections::BTreeMap, io::Read as _};
 
     use super::*;
 
