@@ -790,6 +790,22 @@ const GLIBC_HEAP_MAX: u64 = 64 << 20;
 /// followed by its inaccessible reserve up to the next 64 MiB). Thread stacks, malloc's
 /// mmapped chunks and the rest of what a NIF maps are page-aligned but almost never
 /// 256 KiB-aligned at both ends.
+/// ERTS ranges of `pid` told by that shape: carriers and cached segments together, by no
+/// allocator (the VM's own carrier sizes by allocator stand beside them in the report).
+pub fn erts_ranges_by_shape(pid: u32) -> crate::target::breakdown::ErtsRanges {
+    let maps = crate::target::maps_text(pid).unwrap_or_default();
+    crate::target::breakdown::ErtsRanges {
+        carriers: erts_like_mappings(&maps)
+            .into_iter()
+            .map(|r| (String::new(), r))
+            .collect(),
+        mseg_cache: Vec::new(),
+        mseg_known: false,
+        known: true,
+    }
+}
+
+/// Address ranges shaped like ERTS carriers and cached segments (see [`erts_ranges_by_shape`]).
 pub fn erts_like_mappings(maps: &str) -> Vec<Range> {
     struct Vma {
         s: u64,

@@ -193,6 +193,12 @@ pub struct ThresholdArgs {
     /// ...using at most this share of its carriers, 0..1 [default: 0.5].
     #[arg(long)]
     pub frag_max_usage: Option<f64>,
+    /// Resident memory outside the VM's carriers at attach is reported from this size, MiB [default: 64]...
+    #[arg(long, value_name = "MIB")]
+    pub outside_min: Option<f64>,
+    /// ...and this share of RSS, 0..1 [default: 0.3].
+    #[arg(long)]
+    pub outside_min_share: Option<f64>,
 }
 
 /// Longest duration any option takes: 365 days (so that start + duration never overflows).
@@ -245,6 +251,8 @@ impl ThresholdArgs {
             explained_fraction: unit("explained-fraction", self.explained_fraction)?,
             frag_min_free_bytes: positive("frag-min-free", self.frag_min_free, 1024.0 * 1024.0)?,
             frag_max_usage: unit("frag-max-usage", self.frag_max_usage)?,
+            outside_min_bytes: positive("outside-min", self.outside_min, 1024.0 * 1024.0)?,
+            outside_min_share: unit("outside-min-share", self.outside_min_share)?,
         })
     }
 }

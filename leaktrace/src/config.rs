@@ -240,6 +240,10 @@ pub struct ThresholdOverrides {
     pub frag_min_free_bytes: Option<f64>,
     /// `--frag-max-usage`.
     pub frag_max_usage: Option<f64>,
+    /// `--outside-min` in bytes.
+    pub outside_min_bytes: Option<f64>,
+    /// `--outside-min-share`.
+    pub outside_min_share: Option<f64>,
 }
 
 impl ThresholdOverrides {
@@ -256,6 +260,8 @@ impl ThresholdOverrides {
             explained_fraction: self.explained_fraction.unwrap_or(base.explained_fraction),
             frag_min_free_bytes: self.frag_min_free_bytes.unwrap_or(base.frag_min_free_bytes),
             frag_max_usage: self.frag_max_usage.unwrap_or(base.frag_max_usage),
+            outside_min_bytes: self.outside_min_bytes.unwrap_or(base.outside_min_bytes),
+            outside_min_share: self.outside_min_share.unwrap_or(base.outside_min_share),
         }
     }
 }

@@ -154,22 +154,30 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
         usage: render::usage(sample.used(), sample.allocated()),
         census: &census,
     };
+    // Where the node's resident memory lies now: ERTS carriers told by their shape in the maps
+    // (no probes here), glibc's arenas walked; the VM's own carrier figure beside them.
+    let resident =
+        leaktrace::target::breakdown::measure(pid, &leaktrace::carriers::erts_ranges_by_shape(pid));
     if json {
-        out(&serde_json::to_string_pretty(&snapshot).expect("serializable"));
+        let mut value = serde_json::to_value(&snapshot).expect("serializable");
+        value["resident"] = match &resident {
+            Ok(b) => serde_json::to_value(b).expect("serializable"),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        out(&serde_json::to_string_pretty(&value).expect("serializable"));
     } else {
         out(render::text(&snapshot).trim_end());
-        // Without carrier probes the ERTS ranges are unknown: carriers count with the anonymous
-        // lines, and the VM's own figure stands beside them.
-        match leaktrace::target::breakdown::measure(
-            pid,
-            &leaktrace::target::breakdown::ErtsRanges::default(),
-        ) {
-            Ok(b) => out(&format!(
-                "{} (VM: {} MiB allocated)",
-                leaktrace::target::breakdown::summary_line("now", &b),
-                sample.allocated() >> 20
+        match &resident {
+            Ok(b) => {
+                out("");
+                for line in leaktrace::target::breakdown::render("now", b, Some(sample.allocated()))
+                {
+                    out(&line);
+                }
+            }
+            Err(e) => out(&format!(
+                "resident breakdown unavailable: {e} (the maps and pagemap of PID {pid} need root or CAP_SYS_ADMIN)"
             )),
-            Err(e) => out(&format!("resident breakdown unavailable: {e}")),
         }
     }
     Ok(0)

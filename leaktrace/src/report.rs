@@ -460,13 +460,15 @@ pub fn to_markdown(report: &Report) -> String {
     let t = &r.thresholds;
     let _ = writeln!(
         o,
-        "\n### Thresholds\n\ngrowth floor {}/s and {} over the run (sustained in the second half); minimum run {:.0} s; explained fraction {:.2}; fragmentation: {} free at usage ≤ {:.0}%.\n\nTracer: peak RSS {}, {} carrier events.",
+        "\n### Thresholds\n\ngrowth floor {}/s and {} over the run (sustained in the second half); minimum run {:.0} s; explained fraction {:.2}; fragmentation: {} free at usage ≤ {:.0}%; resident outside the VM at attach: {} and {:.0}% of RSS.\n\nTracer: peak RSS {}, {} carrier events.",
         human_bytes(t.min_growth_bytes_per_s),
         human_bytes(t.min_total_growth_bytes),
         t.min_duration_s,
         t.explained_fraction,
         human_bytes(t.frag_min_free_bytes),
         t.frag_max_usage * 100.0,
+        human_bytes(t.outside_min_bytes),
+        t.outside_min_share * 100.0,
         human_bytes(r.tracer.peak_rss as f64),
         r.tracer.events
     );
@@ -879,11 +881,10 @@ pub fn terminal_summary(report: &Report) -> String {
     if let Some(levels) = &report.recording.resident {
         for (label, b) in [("at attach", &levels.at_attach), ("at end", &levels.at_end)] {
             if let Some(b) = b {
-                let _ = write!(
-                    o,
-                    "\n  {}",
-                    crate::target::breakdown::summary_line(label, b)
-                );
+                let vm = crate::recording::resident::vm_carriers_near(&report.recording, label);
+                for line in crate::target::breakdown::render(label, b, vm) {
+                    let _ = write!(o, "\n  {}", clean(&line));
+                }
             }
         }
     }

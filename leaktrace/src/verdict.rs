@@ -2,6 +2,8 @@
 //! the whole run, sustained in its second half) and levels (usage = used / allocated), never
 //! one sample, and explains every verdict it did not choose.
 
+mod resident;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +76,8 @@ pub enum CulpritKind {
     Atoms,
     /// System memory outside atoms, binaries, code and ETS.
     System,
+    /// glibc's malloc arenas (freed memory kept resident).
+    MallocArenas,
     /// Native allocations seen by the native probes.
     Native,
     /// ERTS blocks of one type (`--blocks`): `allocator: type`.
@@ -96,6 +100,7 @@ impl CulpritKind {
             CulpritKind::Ports => "ports",
             CulpritKind::Atoms => "atoms",
             CulpritKind::System => "system",
+            CulpritKind::MallocArenas => "malloc_arenas",
             CulpritKind::Native => "native",
             CulpritKind::BlockType => "block_type",
             CulpritKind::Unexplained => "unexplained",
@@ -346,73 +351,6 @@ struct Candidate {
     strength: f64,
 }
 
-/// Share of RSS (percent) outside ERTS carriers at attach from which the level is a finding.
-pub const OUTSIDE_VM_MIN_SHARE_PCT: u64 = 30;
-/// Bytes outside ERTS carriers at attach from which the level is a finding (64 MiB).
-pub const OUTSIDE_VM_MIN_BYTES: u64 = 64 << 20;
-
-/// Resident memory outside the VM at attach that is a large share of RSS: it does not grow, so
-/// it is not a leak in progress, but it is not healthy either until something names its owner.
-fn outside_vm_level(rec: &Recording) -> Option<String> {
-    let b = rec.resident.as_ref()?.at_attach.as_ref()?;
-    // Until carrier ranges are located, ERTS carriers sit among the other anonymous mappings:
-    // only what exceeds the VM's own carrier figure there counts as outside (nothing, when the
-    // VM did not answer either).
-    let outside = if b.erts_carriers.is_some() {
-        b.outside_vm()
-    } else {
-        let vm = rec.samples.first().and_then(|s| s.vm_allocated);
-        b.malloc_arenas
-            + b.unaccounted.unwrap_or(0).max(0) as u64
-            + vm.map_or(0, |vm| b.other_anon.saturating_sub(vm))
-    };
-    if outside < OUTSIDE_VM_MIN_BYTES || outside * 100 < b.rss * OUTSIDE_VM_MIN_SHARE_PCT {
-        return None;
-    }
-    // Candidates: mapped objects that are neither OTP's nor the C runtime's.
-    let candidates: Vec<&str> = b
-        .by_object
-        .iter()
-        .map(|(p, _)| p.as_str())
-        .filter(|p| {
-            !p.contains("/erlang/")
-                && !p.starts_with("/memfd:")
-                && ![
-                    "libc.so",
-                    "libm.so",
-                    "ld-linux",
-                    "libpthread",
-                    "libdl.so",
-                    "librt.so",
-                    "libtinfo",
-                    "libstdc++",
-                    "libgcc_s",
-                    "libz.so",
-                    "libcrypto",
-                    "libssl",
-                    "locale-archive",
-                    "gconv",
-                ]
-                .iter()
-                .any(|c| p.contains(c))
-        })
-        .collect();
-    Some(format!(
-        "{} MiB resident outside the VM's carriers at attach ({}% of RSS {} MiB: malloc arenas {} MiB, other anonymous {} MiB, unaccounted {} MiB) and not growing; native objects mapped that are not OTP's: {}; run longer with --native on to see who holds it",
-        outside >> 20,
-        outside * 100 / b.rss.max(1),
-        b.rss >> 20,
-        b.malloc_arenas >> 20,
-        b.other_anon >> 20,
-        b.unaccounted.unwrap_or(0).max(0) >> 20,
-        if candidates.is_empty() {
-            "none".to_string()
-        } else {
-            candidates.join(", ")
-        }
-    ))
-}
-
 /// Judges a recording.
 pub fn judge(rec: &Recording) -> Verdict {
     let th = &rec.thresholds;
@@ -483,6 +421,15 @@ pub fn judge(rec: &Recording) -> Verdict {
         }
     }
 
+    // Levels: what was already resident outside the VM when the tracer arrived.
+    if let Some(finding) = resident::malloc_fragmentation(rec) {
+        candidates.push(Candidate {
+            strength: 0.0,
+            finding,
+        });
+    }
+    let held_outside = resident::held_outside_level(rec);
+
     let degraded = degradation(rec);
     notes.extend(degraded.iter().cloned());
 
@@ -498,9 +445,9 @@ pub fn judge(rec: &Recording) -> Verdict {
             },
             Vec::new(),
         ),
-        None if outside_vm_level(rec).is_some() => (
+        None if held_outside.is_some() => (
             VerdictKind::Inconclusive,
-            outside_vm_level(rec).unwrap_or_default(),
+            held_outside.clone().unwrap_or_default(),
             Vec::new(),
         ),
         None => (
@@ -519,6 +466,8 @@ pub fn judge(rec: &Recording) -> Verdict {
             kind: VerdictKind::Healthy,
             reason: if rss_grows {
                 trends.describe("rss_anon")
+            } else if kind == VerdictKind::Inconclusive && held_outside.is_some() {
+                "memory is held outside the VM and nothing names its owner yet".into()
             } else {
                 "an allocator holds mostly empty carriers".into()
             },
@@ -526,6 +475,10 @@ pub fn judge(rec: &Recording) -> Verdict {
     }
     ruled_out.retain(|r| r.kind != kind && !secondary.iter().any(|f| f.kind == r.kind));
     let mut summary = summary;
+    if let Some(level) = held_outside.filter(|l| *l != summary) {
+        summary.push_str("; ");
+        summary.push_str(&level);
+    }
     for n in notes
         .iter()
         .skip(usize::from(kind == VerdictKind::Inconclusive))
@@ -1600,52 +1553,5 @@ mod tests {
             "{:?}",
             v.degraded
         );
-    }
-}
-
-#[cfg(test)]
-mod resident_level_tests {
-    use super::*;
-    use crate::recording::resident::Breakdown;
-    use crate::recording::resident::ResidentLevels;
-
-    fn with_arenas(arenas: u64) -> Recording {
-        let mut rec: Recording =
-            serde_json::from_str(include_str!("../tests/recordings/healthy.json")).unwrap();
-        rec.resident = Some(ResidentLevels {
-            at_attach: Some(Breakdown {
-                rss: 219 << 20,
-                file: 18 << 20,
-                malloc_arenas: arenas,
-                unaccounted: Some(0),
-                by_object: vec![
-                    ("/usr/lib/erlang/erts-13.1.5/bin/beam.smp".into(), 4 << 20),
-                    ("/tmp/nif/lt_leak.so".into(), 1 << 20),
-                ],
-                ..Breakdown::default()
-            }),
-            at_end: None,
-        });
-        rec
-    }
-
-    #[test]
-    fn memory_outside_the_vm_at_attach_is_never_healthy() {
-        let v = judge(&with_arenas(160 << 20));
-        assert_eq!(v.kind, VerdictKind::Inconclusive, "{v:#?}");
-        assert!(
-            v.summary.contains("160 MiB resident outside"),
-            "{}",
-            v.summary
-        );
-        assert!(v.summary.contains("/tmp/nif/lt_leak.so"), "{}", v.summary);
-        assert!(!v.summary.contains("beam.smp"), "{}", v.summary);
-        assert!(v.summary.contains("--native on"), "{}", v.summary);
-    }
-
-    #[test]
-    fn a_small_level_stays_healthy() {
-        let v = judge(&with_arenas(20 << 20));
-        assert_eq!(v.kind, VerdictKind::Healthy, "{v:#?}");
     }
 }

@@ -417,6 +417,20 @@ pub struct Thresholds {
     /// ...and uses at most this fraction of its carriers (0..1).
     #[serde(default = "default_frag_max_usage")]
     pub frag_max_usage: f64,
+    /// Resident memory outside the VM's carriers at attach is a finding from this many bytes...
+    #[serde(default = "default_outside_min")]
+    pub outside_min_bytes: f64,
+    /// ...and this share of RSS (0..1).
+    #[serde(default = "default_outside_min_share")]
+    pub outside_min_share: f64,
+}
+
+fn default_outside_min() -> f64 {
+    Thresholds::default().outside_min_bytes
+}
+
+fn default_outside_min_share() -> f64 {
+    Thresholds::default().outside_min_share
 }
 
 fn default_frag_min_free() -> f64 {
@@ -436,6 +450,8 @@ impl Default for Thresholds {
             explained_fraction: 0.5,
             frag_min_free_bytes: 64.0 * 1024.0 * 1024.0,
             frag_max_usage: 0.5,
+            outside_min_bytes: 64.0 * 1024.0 * 1024.0,
+            outside_min_share: 0.3,
         }
     }
 }

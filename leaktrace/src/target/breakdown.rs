@@ -123,6 +123,8 @@ pub struct ErtsRanges {
     pub carriers: Vec<(String, Range)>,
     /// ERTS mappings held in the mseg cache.
     pub mseg_cache: Vec<Range>,
+    /// Whether the mseg cache is told apart (else its segments count with the carriers).
+    pub mseg_known: bool,
     /// Whether the probes were there to see them (else the carrier lines are `None`).
     pub known: bool,
 }
@@ -178,10 +180,15 @@ pub fn compute(
         let cres = resident_of(&carrier_ranges);
         let mut by_alloc: BTreeMap<String, u64> = BTreeMap::new();
         for ((name, _), bytes) in erts.carriers.iter().zip(&cres) {
+            if name.is_empty() {
+                continue;
+            }
             *by_alloc.entry(name.clone()).or_default() += bytes;
         }
         b.erts_carriers = Some(cres.iter().sum());
-        b.mseg_cache = Some(resident_of(&erts.mseg_cache).iter().sum());
+        b.mseg_cache = erts
+            .mseg_known
+            .then(|| resident_of(&erts.mseg_cache).iter().sum());
         b.by_allocator = sorted(by_alloc);
     }
     let counted = b.file
@@ -192,14 +199,19 @@ pub fn compute(
         + b.other_anon;
     b.unaccounted = Some(rss as i64 - counted as i64);
     b.by_object = sorted(objects);
-    (b.malloc_in_use, b.malloc_free) = glibc_figures();
     b
 }
 
-/// glibc's own in-use and free bytes of the arenas, read from outside the target. The heap
-/// walker is not part of this build: until it is, both stay unknown.
-fn glibc_figures() -> (Option<u64>, Option<u64>) {
-    (None, None)
+/// Adds what glibc holds (its arenas walked from outside) to `b`.
+pub fn add_malloc_walk(b: &mut Breakdown, walk: Result<super::glibc_heap::HeapSummary, String>) {
+    match walk {
+        Ok(w) => {
+            b.malloc_in_use = Some(w.in_use_bytes);
+            b.malloc_free = Some(w.free_bytes);
+            b.malloc_walk = Some(w);
+        }
+        Err(why) => b.malloc_unwalked = Some(why),
+    }
 }
 
 fn sorted(m: BTreeMap<String, u64>) -> Vec<(String, u64)> {
@@ -242,28 +254,103 @@ pub fn measure(pid: u32, erts: &ErtsRanges) -> io::Result<Breakdown> {
     });
     match err {
         Some(e) => Err(e),
-        None => Ok(b),
+        None => {
+            let mut b = b;
+            add_malloc_walk(
+                &mut b,
+                super::glibc_heap::walk(pid).map_err(|e| e.to_string()),
+            );
+            Ok(b)
+        }
     }
 }
 
-/// Terminal lines: `resident at attach: 219 MiB = file 18 MiB, ...`.
-pub fn summary_line(label: &str, b: &Breakdown) -> String {
-    let mib = |v: u64| format!("{} MiB", v >> 20);
-    let mut parts = vec![format!("file {}", mib(b.file))];
+/// The breakdown as a block of lines for the terminal and `leaktrace vm`: each line in bytes and
+/// % of RSS. `vm_carriers` is the VM's own carrier figure (allocated), shown beside the
+/// resident one; `native_objects` how many objects to name among the files.
+pub fn render(label: &str, b: &Breakdown, vm_carriers: Option<u64>) -> Vec<String> {
+    use crate::units::{human_bytes, percent};
+    let rss = b.rss as f64;
+    let row = |name: &str, v: u64, note: String| {
+        let note = if note.is_empty() {
+            String::new()
+        } else {
+            format!("  {note}")
+        };
+        format!(
+            "  {name:<17} {:>10} {:>4}{note}",
+            human_bytes(v as f64),
+            percent(v as f64, rss)
+        )
+    };
+    let mut o = vec![format!("resident {label}: {}", human_bytes(rss))];
+    let objects: Vec<String> = b
+        .by_object
+        .iter()
+        .take(3)
+        .map(|(p, v)| {
+            let short = p.rsplit('/').next().unwrap_or(p);
+            format!("{short} {}", human_bytes(*v as f64))
+        })
+        .collect();
+    o.push(row("file-backed", b.file, objects.join(", ")));
     match b.erts_carriers {
-        Some(c) => parts.push(format!("ERTS carriers {}", mib(c))),
-        None => parts.push("ERTS carriers not located (inside the anonymous lines)".into()),
+        Some(c) => {
+            let mut note = match vm_carriers {
+                Some(vm) if vm > c => format!(
+                    "located by their shape in the maps; the VM counts {} in carriers, the rest lies in the lines below",
+                    human_bytes(vm as f64)
+                ),
+                Some(vm) => format!("the VM counts {} in carriers", human_bytes(vm as f64)),
+                None => String::new(),
+            };
+            if b.mseg_cache.is_none() {
+                note = format!("with the mseg cache; {note}");
+            }
+            o.push(row(
+                "ERTS carriers",
+                c,
+                note.trim_end_matches("; ").to_string(),
+            ));
+        }
+        None => o.push(format!(
+            "  ERTS carriers     not located (they count in the lines below){}",
+            vm_carriers
+                .map(|vm| format!("; the VM counts {} in carriers", human_bytes(vm as f64)))
+                .unwrap_or_default()
+        )),
     }
     if let Some(c) = b.mseg_cache {
-        parts.push(format!("mseg cache {}", mib(c)));
+        o.push(row("mseg cache", c, String::new()));
     }
-    parts.push(format!("malloc arenas {}", mib(b.malloc_arenas)));
-    parts.push(format!("thread stacks {}", mib(b.thread_stacks)));
-    parts.push(format!("other anonymous {}", mib(b.other_anon)));
+    let malloc_note = match (&b.malloc_walk, &b.malloc_unwalked) {
+        (Some(w), _) => format!(
+            "glibc {} walked {} of heap: in use {}, free {} (top {}, cached {}) in {} arena{}{}",
+            w.glibc,
+            human_bytes(w.heap_bytes as f64),
+            human_bytes(w.in_use_bytes as f64),
+            human_bytes(w.free_bytes as f64),
+            human_bytes(w.top_bytes as f64),
+            human_bytes(w.cached_bytes as f64),
+            w.arenas,
+            if w.arenas == 1 { "" } else { "s" },
+            if w.complete { "" } else { " (walk partial)" }
+        ),
+        (None, Some(why)) => format!("not walked: {why}"),
+        (None, None) => String::new(),
+    };
+    o.push(row("malloc arenas", b.malloc_arenas, malloc_note));
+    o.push(row("thread stacks", b.thread_stacks, String::new()));
+    o.push(row("other anonymous", b.other_anon, String::new()));
     if let Some(u) = b.unaccounted {
-        parts.push(format!("unaccounted {} MiB", u >> 20));
+        o.push(format!(
+            "  {:<17} {:>10} {:>4}",
+            "unaccounted",
+            human_bytes(u as f64),
+            percent(u as f64, rss)
+        ));
     }
-    format!("resident {label}: {} = {}", mib(b.rss), parts.join(", "))
+    o
 }
 
 #[cfg(test)]
@@ -311,6 +398,7 @@ mod tests {
         let erts = ErtsRanges {
             carriers: vec![("ets_alloc".into(), (0x7f1000200000, 0x7f1000400000))],
             mseg_cache: vec![(0x7f1000400000, 0x7f1000500000)],
+            mseg_known: true,
             known: true,
         };
         // Every range fully resident.
@@ -328,8 +416,15 @@ mod tests {
         let counted = b.file + (3 << 20) + b.malloc_arenas + b.thread_stacks + b.other_anon;
         assert_eq!(b.unaccounted, Some((200 << 20) - counted as i64));
         assert_eq!(b.malloc_in_use, None);
+        let lines = render("at attach", &b, Some(3 << 20));
+        assert_eq!(lines[0], "resident at attach: 200.0 MiB", "{lines:#?}");
         assert!(
-            summary_line("at attach", &b).starts_with("resident at attach: 200 MiB = file 5 MiB")
+            lines[1].contains("file-backed") && lines[1].contains("5.0 MiB"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[2].contains("ERTS carriers") && lines[2].contains("3.0 MiB in carriers"),
+            "{lines:#?}"
         );
     }
 

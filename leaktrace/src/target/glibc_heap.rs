@@ -24,7 +24,6 @@ use std::{
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use object::{Object as _, ObjectSymbol as _};
-use serde::{Deserialize, Serialize};
 
 /// Largest libc file looked at for its dynamic symbols.
 const LIBC_CAP: u64 = 64 << 20;
@@ -59,34 +58,7 @@ const STATE_SIZE_AFTER_NEXT: u64 = 0x28;
 const TCACHE_CHUNK: u64 = 0x290;
 const TCACHE_BINS: usize = 64;
 
-/// What the walk found. All byte figures are chunk sizes (headers included).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct HeapSummary {
-    /// glibc release of the target, from its libc.
-    pub glibc: String,
-    /// Arenas walked (the main one and thread arenas).
-    pub arenas: u64,
-    /// Bytes of arena heap walked.
-    pub heap_bytes: u64,
-    /// Bytes in chunks the program holds.
-    pub in_use_bytes: u64,
-    /// Chunks the program holds.
-    pub in_use_chunks: u64,
-    /// Bytes free inside the arenas: bins, fastbins, tcache and top chunks.
-    pub free_bytes: u64,
-    /// Of `free_bytes`: the top chunks (what `malloc_trim` returns first).
-    pub top_bytes: u64,
-    /// Of `free_bytes`: chunks parked in fastbins and per-thread caches.
-    pub cached_bytes: u64,
-    /// Chunks in use by log2 of their size: (lower bound in bytes, chunks, bytes).
-    pub in_use_sizes: Vec<(u64, u64, u64)>,
-    /// Whether every arena was walked to its end.
-    pub complete: bool,
-    /// Why parts were not walked (a check that failed, a bound reached).
-    pub notes: Vec<String>,
-    /// How long the walk took.
-    pub walk_ms: f64,
-}
+pub use crate::recording::resident::HeapSummary;
 
 /// Why the heap could not be walked at all.
 #[derive(Debug, thiserror::Error)]
