@@ -299,6 +299,7 @@ pub fn to_markdown(report: &Report) -> String {
     for x in &v.ruled_out {
         let _ = writeln!(o, "- **{}**: {}", x.kind.as_str(), md(&x.reason));
     }
+    resident_markdown(&mut o, r);
     let _ = writeln!(
         o,
         "\n## Ledger\n\nProbe lines (carriers, mseg_cache, native) are changes since attach; baseline is rss_anon at attach; unexplained = rss_anon - baseline - carriers - mseg_cache - native. — = not measured.\n"
@@ -690,6 +691,117 @@ fn measured_markdown(o: &mut String, report: &Report) {
 }
 
 /// Versions and the command line (secrets removed).
+/// Where the resident memory lay at attach and at the end: one row per line of the breakdown,
+/// in bytes and % of RSS; the objects holding the most file-backed pages; what glibc holds.
+fn resident_markdown(o: &mut String, r: &Recording) {
+    use crate::recording::resident::Breakdown;
+    let Some(levels) = &r.resident else {
+        return;
+    };
+    let cols: Vec<(&str, &Breakdown)> =
+        [("at attach", &levels.at_attach), ("at end", &levels.at_end)]
+            .into_iter()
+            .filter_map(|(l, b)| b.as_ref().map(|b| (l, b)))
+            .collect();
+    if cols.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\n## Resident memory\n\nWhere the RSS lies (levels, not changes): ERTS carriers are located by their shape in the maps (carriers and the mseg cache together when the cache is not told apart); malloc's arenas are walked from outside for what is in use and free. — = unknown.\n"
+    );
+    let mut head = String::from("| line |");
+    let mut rule = String::from("|---|");
+    for (l, _) in &cols {
+        let _ = write!(head, " {l} | % of RSS |");
+        rule += "---:|---:|";
+    }
+    let _ = writeln!(o, "{head}\n{rule}");
+    type Get = fn(&Breakdown) -> Option<i64>;
+    let rows: [(&str, Get); 10] = [
+        ("RSS", |b| Some(b.rss as i64)),
+        ("file-backed", |b| Some(b.file as i64)),
+        ("ERTS carriers", |b| b.erts_carriers.map(|v| v as i64)),
+        ("mseg cache", |b| b.mseg_cache.map(|v| v as i64)),
+        ("malloc arenas", |b| Some(b.malloc_arenas as i64)),
+        ("… in use (glibc)", |b| b.malloc_in_use.map(|v| v as i64)),
+        ("… free (glibc)", |b| b.malloc_free.map(|v| v as i64)),
+        ("thread stacks", |b| Some(b.thread_stacks as i64)),
+        ("other anonymous", |b| Some(b.other_anon as i64)),
+        ("unaccounted", |b| b.unaccounted),
+    ];
+    for (name, get) in rows {
+        let mut line = format!("| {name} |");
+        for (_, b) in &cols {
+            match get(b) {
+                Some(v) => {
+                    let _ = write!(
+                        line,
+                        " {} | {} |",
+                        human_bytes(v as f64),
+                        crate::units::percent(v as f64, b.rss as f64)
+                    );
+                }
+                None => line += " — | — |",
+            }
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let (label, last) = cols[cols.len() - 1];
+    if !last.by_object.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nFile-backed pages by object ({label}): {}.",
+            last.by_object
+                .iter()
+                .take(8)
+                .map(|(p, v)| format!("{} {}", md(p), human_bytes(*v as f64)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    match (&last.malloc_walk, &last.malloc_unwalked) {
+        (Some(w), _) => {
+            let _ = writeln!(
+                o,
+                "\nglibc {} ({label}): {} arena{}, {} of heap walked in {:.0} ms{}: {} in use in {} chunks, {} free ({} at the top, {} in fastbins and thread caches).",
+                md(&w.glibc),
+                w.arenas,
+                if w.arenas == 1 { "" } else { "s" },
+                human_bytes(w.heap_bytes as f64),
+                w.walk_ms,
+                if w.complete { "" } else { " (partial)" },
+                human_bytes(w.in_use_bytes as f64),
+                w.in_use_chunks,
+                human_bytes(w.free_bytes as f64),
+                human_bytes(w.top_bytes as f64),
+                human_bytes(w.cached_bytes as f64),
+            );
+            if !w.in_use_sizes.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "\n| chunk size in use | chunks | bytes |\n|---:|---:|---:|"
+                );
+                for (lo, n, bytes) in &w.in_use_sizes {
+                    let _ = writeln!(
+                        o,
+                        "| ≥ {} | {n} | {} |",
+                        human_bytes(*lo as f64),
+                        human_bytes(*bytes as f64)
+                    );
+                }
+            }
+            for note in w.notes.iter().take(10) {
+                let _ = writeln!(o, "\n- walk: {}", md(note));
+            }
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(o, "\nglibc's arenas were not walked: {}.", md(why));
+        }
+        (None, None) => {}
+    }
+}
+
 fn versions_markdown(o: &mut String, r: &Recording) {
     let _ = writeln!(
         o,

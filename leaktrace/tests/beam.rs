@@ -17,6 +17,8 @@ mod hostile_replies;
 mod live;
 #[path = "beam/outputs.rs"]
 mod outputs;
+#[path = "beam/resident.rs"]
+mod resident;
 #[path = "beam/stacks.rs"]
 mod stacks;
 mod support;

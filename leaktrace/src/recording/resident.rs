@@ -97,4 +97,8 @@ pub struct HeapSummary {
     pub notes: Vec<String>,
     /// How long the walk took.
     pub walk_ms: f64,
+    /// Address ranges of the thread arenas' heaps walked (64 MiB reservations each): what tells
+    /// them apart in the maps, where adjacent heaps merge into one mapping.
+    #[serde(skip)]
+    pub heaps: Vec<(u64, u64)>,
 }

@@ -134,9 +134,27 @@ pub struct ErtsRanges {
 pub fn compute(
     regions: &[Region],
     erts: &ErtsRanges,
+    arenas: &[Range],
     rss: u64,
     mut resident_of: impl FnMut(&[Range]) -> Vec<u64>,
 ) -> Breakdown {
+    // Heaps the malloc walk found are arenas whatever their shape in the maps (adjacent heaps
+    // merge into one mapping that looks like neither an arena nor a carrier).
+    let arenas = resident::union(arenas.to_vec());
+    let erts = &ErtsRanges {
+        carriers: erts
+            .carriers
+            .iter()
+            .flat_map(|(n, r)| {
+                resident::subtract(&[*r], &arenas)
+                    .into_iter()
+                    .map(move |p| (n.clone(), p))
+            })
+            .collect(),
+        mseg_cache: resident::subtract(&erts.mseg_cache, &arenas),
+        mseg_known: erts.mseg_known,
+        known: erts.known,
+    };
     let erts_all: Vec<Range> = resident::union(
         erts.carriers
             .iter()
@@ -149,7 +167,8 @@ pub fn compute(
         ..Breakdown::default()
     };
     let mut ranges: Vec<Range> = Vec::new();
-    let mut owners: Vec<usize> = Vec::new();
+    // The region each range comes from, and whether it lies in a heap the walk found.
+    let mut owners: Vec<(usize, bool)> = Vec::new();
     for (i, r) in regions.iter().enumerate() {
         let parts = match r.kind {
             Kind::Ignored => continue,
@@ -157,13 +176,29 @@ pub fn compute(
             _ => resident::subtract(&[r.range], &erts_all),
         };
         for p in parts {
-            ranges.push(p);
-            owners.push(i);
+            if matches!(r.kind, Kind::File(_)) {
+                ranges.push(p);
+                owners.push((i, false));
+                continue;
+            }
+            let outside = resident::subtract(&[p], &arenas);
+            for q in resident::subtract(&[p], &outside) {
+                ranges.push(q);
+                owners.push((i, true));
+            }
+            for q in outside {
+                ranges.push(q);
+                owners.push((i, false));
+            }
         }
     }
     let res = resident_of(&ranges);
     let mut objects: BTreeMap<String, u64> = BTreeMap::new();
-    for (&i, &bytes) in owners.iter().zip(&res) {
+    for (&(i, in_heap), &bytes) in owners.iter().zip(&res) {
+        if in_heap {
+            b.malloc_arenas += bytes;
+            continue;
+        }
         match &regions[i].kind {
             Kind::File(p) => {
                 b.file += bytes;
@@ -240,29 +275,26 @@ pub fn read_rss(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status has no VmRSS line")))
 }
 
-/// The breakdown of a live target now.
+/// The breakdown of a live target now: glibc's arenas walked first (the heaps it finds are
+/// arenas in the maps too), then the maps and the pagemap.
 pub fn measure(pid: u32, erts: &ErtsRanges) -> io::Result<Breakdown> {
+    let walk = super::glibc_heap::walk(pid).map_err(|e| e.to_string());
+    let heaps = walk.as_ref().map(|w| w.heaps.clone()).unwrap_or_default();
     let regions = classify(&read_maps(pid)?);
     let rss = read_rss(pid)?;
     let mut pagemap = Pagemap::open(pid)?;
     let mut err = None;
-    let b = compute(&regions, erts, rss, |ranges| {
+    let mut b = compute(&regions, erts, &heaps, rss, |ranges| {
         pagemap.resident_bytes(ranges).unwrap_or_else(|e| {
             err = Some(e);
             vec![0; ranges.len()]
         })
     });
-    match err {
-        Some(e) => Err(e),
-        None => {
-            let mut b = b;
-            add_malloc_walk(
-                &mut b,
-                super::glibc_heap::walk(pid).map_err(|e| e.to_string()),
-            );
-            Ok(b)
-        }
+    if let Some(e) = err {
+        return Err(e);
     }
+    add_malloc_walk(&mut b, walk);
+    Ok(b)
 }
 
 /// The breakdown as a block of lines for the terminal and `leaktrace vm`: each line in bytes and
@@ -402,7 +434,7 @@ mod tests {
             known: true,
         };
         // Every range fully resident.
-        let b = compute(&regions, &erts, 200 << 20, |rs| {
+        let b = compute(&regions, &erts, &[], 200 << 20, |rs| {
             rs.iter().map(|r| r.1 - r.0).collect()
         });
         assert_eq!(b.erts_carriers, Some(2 << 20));
@@ -430,10 +462,36 @@ mod tests {
 
     #[test]
     fn without_probes_carrier_lines_are_unknown() {
-        let b = compute(&classify(MAPS), &ErtsRanges::default(), 1 << 30, |rs| {
-            vec![0; rs.len()]
-        });
+        let b = compute(
+            &classify(MAPS),
+            &ErtsRanges::default(),
+            &[],
+            1 << 30,
+            |rs| vec![0; rs.len()],
+        );
         assert_eq!((b.erts_carriers, b.mseg_cache), (None, None));
         assert_eq!(b.unaccounted, Some(1 << 30));
+    }
+
+    #[test]
+    fn heaps_the_walk_found_are_arenas_even_when_merged_into_one_mapping() {
+        // Two full thread heaps side by side: one 128 MiB mapping, 256 KiB-aligned at both
+        // ends, so by shape alone it would pass for ERTS carriers.
+        let maps = "7f0000000000-7f0008000000 rw-p 00000000 00:00 0\n";
+        let regions = classify(maps);
+        let erts = ErtsRanges {
+            carriers: vec![(String::new(), (0x7f0000000000, 0x7f0008000000))],
+            known: true,
+            ..ErtsRanges::default()
+        };
+        let heaps = [
+            (0x7f0000000000, 0x7f0004000000),
+            (0x7f0004000000, 0x7f0008000000),
+        ];
+        let b = compute(&regions, &erts, &heaps, 128 << 20, |rs| {
+            rs.iter().map(|r| r.1 - r.0).collect()
+        });
+        assert_eq!(b.malloc_arenas, 128 << 20, "{b:?}");
+        assert_eq!((b.erts_carriers, b.other_anon), (Some(0), 0), "{b:?}");
     }
 }

@@ -45,8 +45,6 @@ const MINSIZE: u64 = 32;
 const ALIGN: u64 = 16;
 /// `HEAP_MAX_SIZE` of thread arenas on 64-bit (2 * DEFAULT_MMAP_THRESHOLD_MAX).
 const HEAP_MAX: u64 = 64 << 20;
-/// `sizeof(heap_info)` on x86-64.
-const HEAP_INFO_SIZE: u64 = 32;
 /// `struct malloc_state` offsets on x86-64, glibc 2.27-2.41.
 const FASTBINS: u64 = 0x10;
 const NFASTBINS: u64 = 10;
@@ -169,6 +167,9 @@ pub struct Layout {
     pub next: u64,
     /// Fastbin and tcache pointers are mangled (glibc 2.32+).
     pub safe_linking: bool,
+    /// `sizeof(heap_info)`: 32, or 48 since glibc 2.35 added its `pagesize` field (a thread
+    /// arena's state, and a later heap's first chunk, start right after it).
+    pub heap_info_size: u64,
 }
 
 /// Decodes `mallinfo2` (at `ip`, bytes `code`) for `lea reg, [rip + d]` (main_arena) and the
@@ -283,11 +284,17 @@ fn find_layout(
         });
     }
     let safe_linking = version_number(&version).is_some_and(|v| v >= (2, 32));
+    let heap_info_size = if version_number(&version).is_some_and(|v| v >= (2, 35)) {
+        48
+    } else {
+        32
+    };
     Ok((
         Layout {
             main_arena,
             next,
             safe_linking,
+            heap_info_size,
         },
         version,
     ))
@@ -459,17 +466,18 @@ impl Walker<'_> {
                 self.note(format!("cannot read heap_info at {heap:#x}"));
                 return;
             };
-            if ar_ptr != arena || size > HEAP_MAX || size < HEAP_INFO_SIZE {
+            if ar_ptr != arena || size > HEAP_MAX || size < self.layout.heap_info_size {
                 self.note(format!(
                     "heap at {heap:#x} does not belong to arena {arena:#x} (its heap_info says {ar_ptr:#x}, {size} bytes)"
                 ));
                 return;
             }
+            self.s.heaps.push((heap, heap + HEAP_MAX));
             let first = if arena >= heap && arena < heap + HEAP_MAX {
                 // The arena's own state sits after heap_info in its first heap.
                 (arena + self.layout.next + STATE_SIZE_AFTER_NEXT).next_multiple_of(ALIGN)
             } else {
-                (heap + HEAP_INFO_SIZE).next_multiple_of(ALIGN)
+                (heap + self.layout.heap_info_size).next_multiple_of(ALIGN)
             };
             let end = heap + size;
             let top_here = (heap..end).contains(&top).then_some(top).unwrap_or(0);
@@ -546,8 +554,9 @@ impl Walker<'_> {
             if let Some(prev) = pending.take() {
                 self.classify(prev, raw & 1 != 0);
             }
-            if size < ALIGN {
-                // A fence post (older thread heaps end with them).
+            if size <= ALIGN && end - at < 3 * ALIGN {
+                // The fence posts a thread heap ends with once the arena grew into a new heap
+                // (malloc.c sysmalloc: a 16-byte chunk, then a 0 one, in the last 47 bytes).
                 break;
             }
             if size % ALIGN != 0 || size < MINSIZE || size > end - at || raw & 2 != 0 {
@@ -706,6 +715,7 @@ mod tests {
             main_arena: LIBC_DATA + 0x100,
             next: 0x870,
             safe_linking: true,
+            heap_info_size: 48,
         }
     }
 
