@@ -762,7 +762,7 @@ async fn sample_loop(
     // The level at attach: where the resident memory already lies before any trend exists.
     let resident_at_attach = crate::target::breakdown::measure(
         traced.pid,
-        &crate::target::breakdown::ErtsRanges::default(),
+        &crate::carriers::erts_ranges_by_shape(traced.pid),
     )
     .ok();
     let first = ledger::sample(
@@ -973,7 +973,7 @@ async fn sample_loop(
 
     let resident_at_end = crate::target::breakdown::measure(
         traced.pid,
-        &crate::target::breakdown::ErtsRanges::default(),
+        &crate::carriers::erts_ranges_by_shape(traced.pid),
     )
     .ok();
     let recording = Recording {

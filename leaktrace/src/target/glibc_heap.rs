@@ -774,6 +774,68 @@ mod tests {
         assert_eq!(s.cached_bytes, 0x20 + 0x20 + 0x30);
     }
 
+    /// A thread arena grown into a second heap: the first heap ends with glibc's fence posts,
+    /// the arena's state sits after `heap_info` in the first one. Per glibc release layout.
+    fn thread_arena(layout: Layout) -> (Image, Vec<Region>) {
+        const H1: u64 = 0x7e00_0000_0000;
+        const H2: u64 = H1 + HEAP_MAX;
+        const SIZE: u64 = 0x10_0000;
+        let (img, _) = heap(&[0x290], &[]);
+        let main = layout.main_arena;
+        let t = H1 + layout.heap_info_size;
+        img.put(main + layout.next, t);
+        img.put(t + layout.next, main);
+        // heap_info of both heaps: ar_ptr, prev, size.
+        img.put(H1, t);
+        img.put(H1 + 8, 0);
+        img.put(H1 + 16, SIZE);
+        img.put(H2, t);
+        img.put(H2 + 8, H1);
+        img.put(H2 + 16, SIZE);
+        // First heap: two chunks in use, a free one, then fence posts in the last 32 bytes.
+        let mut at = (t + layout.next + STATE_SIZE_AFTER_NEXT).next_multiple_of(ALIGN);
+        for (size, prev_in_use) in [(0x410, 1), (0x810, 1)] {
+            img.put(at + 8, size | prev_in_use | 4);
+            at += size;
+        }
+        let fence = H1 + SIZE - 0x20;
+        img.put(at + 8, (fence - at) | 1 | 4); // the old top, freed
+        img.put(fence + 8, 0x10); // PREV_INUSE clear: the chunk before is free
+        img.put(fence + 0x18, 1);
+        // Second heap: one chunk in use, then top.
+        let first = (H2 + layout.heap_info_size).next_multiple_of(ALIGN);
+        img.put(first + 8, 0x1010 | 1 | 4);
+        let top = first + 0x1010;
+        img.put(top + 8, (H2 + SIZE - top) | 1);
+        img.put(t + TOP, top);
+        let mut regions = regions();
+        regions.extend(parse_regions(&format!(
+            "{H1:x}-{:x} rw-p 00000000 00:00 0\n{H2:x}-{:x} rw-p 00000000 00:00 0\n",
+            H1 + SIZE,
+            H2 + SIZE
+        )));
+        (img, regions)
+    }
+
+    #[test]
+    fn thread_arenas_are_walked_heap_by_heap_in_each_glibc_layout() {
+        for (heap_info_size, safe_linking) in [(48, true), (32, true), (32, false)] {
+            let layout = Layout {
+                heap_info_size,
+                safe_linking,
+                ..layout()
+            };
+            let (img, regions) = thread_arena(layout);
+            let s = walk_with(&img, &regions, layout);
+            let ctx = format!("heap_info {heap_info_size}: {s:?}");
+            assert!(s.complete, "{ctx}");
+            assert_eq!(s.arenas, 2, "{ctx}");
+            // 0x290 (main arena's tcache chunk) + 0x410 + 0x810 + 0x1010.
+            assert_eq!(s.in_use_bytes, 0x290 + 0x410 + 0x810 + 0x1010, "{ctx}");
+            assert_eq!(s.heaps.len(), 2, "{ctx}");
+        }
+    }
+
     #[test]
     fn a_corrupt_heap_stops_with_a_note_and_no_panic() {
         let (img, _) = heap(&[0x290, 0x410, 0x410], &[]);

@@ -175,15 +175,14 @@ pub fn held_outside_level(rec: &Recording) -> Option<String> {
                 .unwrap_or_default()
         )),
     }
+    let anon = b.other_anon + b.erts_carriers.unwrap_or(0) + b.mseg_cache.unwrap_or(0);
     match vm {
-        Some(vm) => parts.push(format!(
+        Some(vm) if anon > vm => parts.push(format!(
             "anonymous mappings {} beyond the VM's {} of carriers",
-            human_bytes(
-                (b.other_anon + b.erts_carriers.unwrap_or(0) + b.mseg_cache.unwrap_or(0))
-                    .saturating_sub(vm) as f64
-            ),
+            human_bytes(anon.saturating_sub(vm) as f64),
             human_bytes(vm as f64)
         )),
+        Some(_) => {}
         None => parts.push(format!(
             "anonymous mappings {} not judged (no VM figure to tell carriers from the rest)",
             human_bytes(b.other_anon as f64)
