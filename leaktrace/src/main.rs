@@ -148,12 +148,12 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
     let census = view.census(0.0).map_err(|e| Error::Vm(e.to_string()))?;
     // The carriers are a part of the snapshot a node may refuse (an embedded release without
     // runtime_tools): the rest stands without them.
-    let carriers = view
-        .carrier_picture(0.0)
-        .unwrap_or_else(|e| leaktrace::recording::vm::CarrierPicture {
-            skipped: Some(format!("instrument:carriers/0 failed: {e}")),
-            ..Default::default()
-        });
+    let carriers =
+        view.carrier_picture(0.0)
+            .unwrap_or_else(|e| leaktrace::recording::vm::CarrierPicture {
+                skipped: Some(format!("instrument:carriers/0 failed: {e}")),
+                ..Default::default()
+            });
     let snapshot = render::Snapshot {
         node: view.node(),
         found_by: view.found_by(),

@@ -665,7 +665,10 @@ mod tests {
     fn a_carrier_is_pinned_by_live_blocks_under_a_quarter_of_it() {
         assert!(carrier(1000, 3, 249, false).pinned());
         assert!(!carrier(1000, 3, 250, false).pinned());
-        assert!(!carrier(1000, 0, 0, false).pinned(), "an empty carrier can go back");
+        assert!(
+            !carrier(1000, 0, 0, false).pinned(),
+            "an empty carrier can go back"
+        );
     }
 
     #[test]
@@ -674,9 +677,19 @@ mod tests {
         let mut t = CarrierTally::default();
         // Three carriers pinned by 10, 20 and 700 blocks, one full, one empty.
         for (blocks, bytes) in [(10, 5_000), (700, 400_000), (20, 9_000)] {
-            assert!(t.add("ets_alloc", carrier(MB8, blocks, bytes, true), &[1, 2, 700], 0));
+            assert!(t.add(
+                "ets_alloc",
+                carrier(MB8, blocks, bytes, true),
+                &[1, 2, 700],
+                0
+            ));
         }
-        assert!(t.add("ets_alloc", carrier(MB8, 9_000, 7 << 20, false), &[0, 1], 4096));
+        assert!(t.add(
+            "ets_alloc",
+            carrier(MB8, 9_000, 7 << 20, false),
+            &[0, 1],
+            4096
+        ));
         assert!(t.add("ets_alloc", carrier(65536, 0, 0, false), &[1], 0));
         assert!(t.add("binary_alloc", carrier(65536, 1, 100, false), &[], 0));
         let out = t.finish();
@@ -685,7 +698,10 @@ mod tests {
             ["ets_alloc", "binary_alloc"]
         );
         let e = &out[0];
-        assert_eq!((e.carriers, e.pool_carriers, e.empty, e.pinned), (5, 3, 1, 3));
+        assert_eq!(
+            (e.carriers, e.pool_carriers, e.empty, e.pinned),
+            (5, 3, 1, 3)
+        );
         assert_eq!(e.carrier_bytes, 4 * MB8 + 65536);
         assert_eq!(e.blocks, 10 + 700 + 20 + 9_000);
         assert_eq!(e.pinned_bytes, 3 * MB8);
@@ -704,7 +720,12 @@ mod tests {
     fn the_tally_keeps_bounded_carriers_and_allocators() {
         let mut t = CarrierTally::default();
         for i in 0..(CARRIERS_KEPT as u64 + 10) {
-            t.add("ets_alloc", carrier(1 << 20, 1 + i % 5, 64, false), &[1; 200], 0);
+            t.add(
+                "ets_alloc",
+                carrier(1 << 20, 1 + i % 5, 64, false),
+                &[1; 200],
+                0,
+            );
         }
         for i in 0..(PICTURE_ALLOCATORS + 5) {
             t.add(&format!("a{i}"), carrier(1, 0, 0, false), &[], 0);
@@ -712,7 +733,11 @@ mod tests {
         let out = t.finish();
         assert_eq!(out.len(), PICTURE_ALLOCATORS);
         let e = out.iter().find(|a| a.name == "ets_alloc").unwrap();
-        assert_eq!(e.carriers, CARRIERS_KEPT as u64 + 10, "every carrier counted");
+        assert_eq!(
+            e.carriers,
+            CARRIERS_KEPT as u64 + 10,
+            "every carrier counted"
+        );
         assert_eq!(e.kept, CARRIERS_KEPT as u64);
         assert_eq!(e.free_histogram.len(), FREE_BUCKETS);
         assert_eq!(e.pinned_median_blocks, Some(3));

@@ -542,7 +542,9 @@ pub fn parse_carrier_counts(
                 name.clone(),
                 CarrierOptions {
                     strategy,
-                    acul: prop_value(opts, "acul").and_then(uint).filter(|v| *v <= 100),
+                    acul: prop_value(opts, "acul")
+                        .and_then(uint)
+                        .filter(|v| *v <= 100),
                     lmbcs: prop_value(opts, "lmbcs").and_then(uint),
                 },
             );
@@ -750,7 +752,10 @@ mod tests {
         assert_eq!((start, rejected), (512, 6));
         let out = tally.finish();
         let e = &out[0];
-        assert_eq!((e.carriers, e.pool_carriers, e.pinned, e.empty), (35, 34, 34, 1));
+        assert_eq!(
+            (e.carriers, e.pool_carriers, e.pinned, e.empty),
+            (35, 34, 34, 1)
+        );
         assert_eq!(e.pinned_median_blocks, Some(589));
         assert_eq!(e.free_holes, 34 * 589 + 1);
         assert_eq!(e.block_bytes, 34 * 414_656);
@@ -793,7 +798,12 @@ mod tests {
                     ]),
                     t(vec![
                         a("mbcs"),
-                        list_term(vec![t(vec![a("carriers"), small(mbcs), small(41), small(41)])]),
+                        list_term(vec![t(vec![
+                            a("carriers"),
+                            small(mbcs),
+                            small(41),
+                            small(41),
+                        ])]),
                     ]),
                     t(vec![
                         a("mbcs_pool"),
@@ -808,7 +818,11 @@ mod tests {
         };
         let names = vec!["ets_alloc".to_owned(), "exec_alloc".to_owned()];
         let replies = vec![
-            list_term(vec![instance(0, 0, 0, 0), instance(2, 60, 9, 28), instance(1, 50, 1, 0)]),
+            list_term(vec![
+                instance(0, 0, 0, 0),
+                instance(2, 60, 9, 28),
+                instance(1, 50, 1, 0),
+            ]),
             a("false"),
         ];
         let (count, options) = parse_carrier_counts(&names, &replies);

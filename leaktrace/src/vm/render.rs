@@ -269,7 +269,14 @@ pub fn carriers_text(o: &mut String, p: &CarrierPicture) {
     let _ = writeln!(
         o,
         "{:<16} {:>8} {:>12} {:>6} {:>11} {:>7} {:>13} {:>11}",
-        "allocator", "carriers", "size", "pool", "live blocks", "pinned", "median/pinned", "free holes"
+        "allocator",
+        "carriers",
+        "size",
+        "pool",
+        "live blocks",
+        "pinned",
+        "median/pinned",
+        "free holes"
     );
     for a in &p.allocators {
         let _ = writeln!(

@@ -507,9 +507,7 @@ fn carrier_picture(v: &VmView, t_s: f64, shared: &Mutex<Shared>) {
         let Some(e) = s.evidence.as_mut() else { return };
         e.carriers = Some(CarrierPicture {
             t_s,
-            skipped: Some(
-                "the run ended before the node answered instrument:carriers/0".into(),
-            ),
+            skipped: Some("the run ended before the node answered instrument:carriers/0".into()),
             ..Default::default()
         });
     }
