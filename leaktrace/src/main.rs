@@ -146,6 +146,14 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
     let view = view.map_err(|e| Error::Vm(e.to_string()))?;
     let sample = view.sample(0.0).map_err(|e| Error::Vm(e.to_string()))?;
     let census = view.census(0.0).map_err(|e| Error::Vm(e.to_string()))?;
+    // The carriers are a part of the snapshot a node may refuse (an embedded release without
+    // runtime_tools): the rest stands without them.
+    let carriers =
+        view.carrier_picture(0.0)
+            .unwrap_or_else(|e| leaktrace::recording::vm::CarrierPicture {
+                skipped: Some(format!("instrument:carriers/0 failed: {e}")),
+                ..Default::default()
+            });
     let snapshot = render::Snapshot {
         node: view.node(),
         found_by: view.found_by(),
@@ -153,6 +161,7 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
         allocators: &sample,
         usage: render::usage(sample.used(), sample.allocated()),
         census: &census,
+        carriers: &carriers,
     };
     // Where the node's resident memory lies now: ERTS carriers told by their shape in the maps
     // (no probes here), glibc's arenas walked; the VM's own carrier figure beside them.

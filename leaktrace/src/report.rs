@@ -228,6 +228,53 @@ fn census_markdown(o: &mut String, c: &Census, start: Option<&Census>) {
     }
 }
 
+/// The carrier picture: per allocator, carriers pinned by few live blocks and the holes
+/// between them.
+fn carriers_markdown(o: &mut String, p: &crate::recording::vm::CarrierPicture) {
+    let _ = writeln!(
+        o,
+        "\n### Carriers (instrument:carriers)\n\nAt {:.0} s, {:.0} ms{}.",
+        p.t_s,
+        p.wall_ms,
+        if p.loaded_instrument {
+            "; the call loaded OTP's `instrument` module on the node (it was not loaded)"
+        } else {
+            ""
+        }
+    );
+    if let Some(why) = &p.skipped {
+        let _ = writeln!(o, "\nNo picture: {}.", md(why));
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "A carrier is pinned when its live blocks take under {:.0}% of it: it cannot go back to the OS until the last one is freed.{}\n\n| allocator | carriers | MiB | pool | live blocks | pinned carriers | median blocks per pinned | free holes |\n|---|---:|---:|---:|---:|---:|---:|---:|",
+        crate::recording::vm::PINNED_USAGE * 100.0,
+        if p.rejected > 0 {
+            format!(
+                " {} malformed entries of the reply were dropped.",
+                p.rejected
+            )
+        } else {
+            String::new()
+        }
+    );
+    for a in &p.allocators {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            md(&a.name),
+            a.carriers,
+            a.carrier_bytes as f64 / (1024.0 * 1024.0),
+            a.pool_carriers,
+            a.blocks,
+            a.pinned,
+            a.pinned_median_blocks.map_or("—".into(), |m| m.to_string()),
+            a.free_holes
+        );
+    }
+}
+
 /// report.md text.
 pub fn to_markdown(report: &Report) -> String {
     let r = &report.recording;
@@ -382,6 +429,9 @@ pub fn to_markdown(report: &Report) -> String {
         }
         if let Some(c) = &vm.census_end {
             census_markdown(&mut o, c, vm.census_start.as_ref());
+        }
+        if let Some(p) = &vm.carriers {
+            carriers_markdown(&mut o, p);
         }
         if !vm.gaps.is_empty() {
             let _ = writeln!(

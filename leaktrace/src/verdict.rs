@@ -1015,12 +1015,17 @@ fn fragmentation_findings(
                 bytes: a.free() as i64,
                 growth_bytes_per_s: 0.0,
                 detail: Some(format!(
-                    "usage {:.0}% ({} used of {} in carriers), {} reclaimable, {} in carriers abandoned to the pool; most free in instance {worst}",
+                    "usage {:.0}% ({} used of {} in carriers), {} reclaimable, {} in carriers abandoned to the pool; most free in instance {worst}{}",
                     100.0 * a.blocks as f64 / a.carriers.max(1) as f64,
                     human_bytes(a.blocks as f64),
                     human_bytes(a.carriers as f64),
                     human_bytes(a.free() as f64),
                     human_bytes(a.pool_carriers as f64),
+                    vm.carriers
+                        .as_ref()
+                        .and_then(|p| why_carriers_stay(p, &a.name))
+                        .map(|why| format!("; {why}"))
+                        .unwrap_or_default(),
                 )),
             }
         })
@@ -1077,6 +1082,80 @@ fn fragmentation_findings(
             ),
         });
     }
+}
+
+/// Why an allocator's free carrier space cannot go back to the OS, from the carrier picture:
+/// how many of its carriers a few live blocks pin, and which ERTS flags (OTP 25, erts_alloc(3))
+/// change where new blocks go. `None` when the picture does not have the allocator.
+fn why_carriers_stay(p: &crate::recording::vm::CarrierPicture, name: &str) -> Option<String> {
+    if let Some(why) = &p.skipped {
+        return Some(format!("no carrier picture: {why}"));
+    }
+    let a = p.allocator(name)?;
+    let carriers = format!(
+        "{} carriers ({}{})",
+        a.carriers,
+        human_bytes(a.carrier_bytes as f64),
+        if a.pool_carriers > 0 {
+            format!(", {} in the pool", a.pool_carriers)
+        } else {
+            String::new()
+        }
+    );
+    if a.pinned == 0 {
+        return Some(format!(
+            "{carriers}, none pinned by few live blocks ({} empty): the free space is spread over fuller carriers",
+            a.empty
+        ));
+    }
+    let mut why = format!(
+        "{carriers}, {} pinned by few live blocks (median {} blocks, {:.0}% used) over {} free holes: a carrier goes back to the OS only once its last block is freed, so none of these can",
+        a.pinned,
+        a.pinned_median_blocks
+            .map_or_else(|| "unknown".into(), |m| m.to_string()),
+        100.0 * a.pinned_usage(),
+        a.free_holes
+    );
+    // erts_alloc(3) flag letters; literal_alloc and exec_alloc take no strategy flags.
+    let letter = match name {
+        "binary_alloc" => 'B',
+        "std_alloc" => 'D',
+        "ets_alloc" => 'E',
+        "fix_alloc" => 'F',
+        "eheap_alloc" => 'H',
+        "ll_alloc" => 'L',
+        "driver_alloc" => 'R',
+        "sl_alloc" => 'S',
+        "temp_alloc" => 'T',
+        _ => return Some(why),
+    };
+    let o = a.options.clone().unwrap_or_default();
+    let mut levers = Vec::new();
+    if o.strategy.as_deref() != Some("ageffcbf") {
+        levers.push(format!(
+            "+M{letter}as ageffcbf{} fills older carriers first so newer ones can empty",
+            o.strategy
+                .map(|s| format!(" (now {s})"))
+                .unwrap_or_default()
+        ));
+    }
+    levers.push(format!(
+        "a smaller +M{letter}lmbcs{} makes each survivor pin less",
+        o.lmbcs
+            .map(|b| format!(" (now {})", human_bytes(b as f64)))
+            .unwrap_or_default()
+    ));
+    if a.pool_carriers > 0 {
+        levers.push(format!(
+            "+M{letter}acul{} decides which carriers are abandoned to the pool for other instances to fill",
+            o.acul.map(|v| format!(" (now {v})")).unwrap_or_default()
+        ));
+    }
+    why.push_str(&format!(
+        "; {}: these change where new blocks go, not what is pinned now",
+        levers.join(", ")
+    ));
+    Some(why)
 }
 
 /// Seconds between the start and end census (0 without both).
@@ -1552,6 +1631,95 @@ mod tests {
                 .any(|d| d.contains("unknown, not 0") && d.contains("events lost")),
             "{:?}",
             v.degraded
+        );
+    }
+    /// The fragmented recording of `carriers_growing_without_use_is_fragmentation` with a
+    /// carrier picture of ets_alloc: 34 carriers of 8 MiB pinned by ~589 blocks each.
+    fn fragmented_with_picture(
+        picture: impl FnOnce(&mut crate::recording::vm::CarrierPicture),
+    ) -> Verdict {
+        use crate::recording::vm::{CarrierEntry, CarrierOptions, CarrierPicture, CarrierTally};
+        let mut rec = healthy();
+        grow(&mut rec, 20.0 * MIB, 20.0 * MIB, 0.0);
+        let mut tally = CarrierTally::default();
+        for i in 0..34u64 {
+            let c = CarrierEntry {
+                size: 8 << 20,
+                in_pool: i >= 2,
+                blocks: 580 + i,
+                block_bytes: 414_656,
+                free_holes: 0,
+            };
+            tally.add("ets_alloc", c, &[0, 0, 0, 583, 6], 0);
+        }
+        let mut p = CarrierPicture {
+            histogram_start: 512,
+            allocators: tally.finish(),
+            ..Default::default()
+        };
+        p.allocators[0].options = Some(CarrierOptions {
+            strategy: Some("aoffcbf".into()),
+            acul: Some(60),
+            lmbcs: Some(5 << 20),
+        });
+        picture(&mut p);
+        rec.vm.as_mut().unwrap().carriers = Some(p);
+        judge(&rec)
+    }
+
+    fn ets_detail(v: &Verdict) -> String {
+        let c = v
+            .culprits
+            .iter()
+            .find(|c| c.name == "ets_alloc")
+            .unwrap_or_else(|| panic!("no ets_alloc culprit: {v:#?}"));
+        c.detail.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn the_carrier_picture_says_why_fragmented_carriers_stay() {
+        let v = fragmented_with_picture(|_| {});
+        assert_eq!(v.kind, VerdictKind::Fragmentation, "{v:#?}");
+        let d = ets_detail(&v);
+        for want in [
+            "34 carriers (272.0 MiB, 32 in the pool)",
+            "34 pinned by few live blocks (median 597 blocks, 5% used) over 20026 free holes",
+            "+MEas ageffcbf (now aoffcbf)",
+            "+MElmbcs (now 5.0 MiB)",
+            "+MEacul (now 60)",
+        ] {
+            assert!(d.contains(want), "{want:?} not in {d}");
+        }
+    }
+
+    #[test]
+    fn the_carrier_picture_says_when_nothing_is_pinned_or_it_was_skipped() {
+        let v = fragmented_with_picture(|p| {
+            for c in &mut p.allocators {
+                c.pinned = 0;
+            }
+        });
+        let d = ets_detail(&v);
+        assert!(d.contains("none pinned by few live blocks"), "{d}");
+        assert!(
+            !d.contains("+MEas"),
+            "no lever without pinned carriers: {d}"
+        );
+        let v = fragmented_with_picture(|p| {
+            p.skipped = Some("the node has 200000 carriers, more than 100000".into());
+        });
+        let d = ets_detail(&v);
+        assert!(
+            d.contains("no carrier picture: the node has 200000 carriers"),
+            "{d}"
+        );
+        // Without a picture the detail is what it was.
+        let mut rec = healthy();
+        grow(&mut rec, 20.0 * MIB, 20.0 * MIB, 0.0);
+        let d = ets_detail(&judge(&rec));
+        assert!(
+            !d.contains("pinned") && !d.contains("carrier picture"),
+            "{d}"
         );
     }
 }

@@ -3,6 +3,8 @@
 
 #[path = "beam/blocks.rs"]
 mod blocks;
+#[path = "beam/carrier_picture.rs"]
+mod carrier_picture;
 #[path = "beam/containers.rs"]
 mod containers;
 #[path = "beam/faults.rs"]

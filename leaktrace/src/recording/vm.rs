@@ -33,6 +33,10 @@ pub struct VmEvidence {
     /// node stays under 0.5% of one scheduler, samples included it stays under 1%).
     #[serde(default)]
     pub census_every_s: Option<f64>,
+    /// Every carrier of the node by allocator (`instrument:carriers/0`), taken once at the end
+    /// of the run (absent in recordings made without it).
+    #[serde(default)]
+    pub carriers: Option<CarrierPicture>,
 }
 
 /// Most gaps a recording keeps: a node that fails every call must not grow the recording.
@@ -403,6 +407,224 @@ impl MsegCache {
     }
 }
 
+/// A carrier whose live blocks take less than this share of it, and more than none, is pinned:
+/// it cannot be given back while they live, and they are too few to fill it.
+pub const PINNED_USAGE: f64 = 0.25;
+/// Carriers per allocator whose figures are kept for the median and the extremes; past it they
+/// are only counted (a node with millions of carriers must not grow the recording).
+pub const CARRIERS_KEPT: usize = 20_000;
+/// Allocator names a picture keeps: a real node has about a dozen.
+pub const PICTURE_ALLOCATORS: usize = 64;
+/// Buckets of the free-block histogram kept per allocator (OTP's default is 14).
+pub const FREE_BUCKETS: usize = 64;
+/// Emptiest and fullest carriers kept per allocator.
+pub const EXTREMES: usize = 3;
+
+/// One carrier as `instrument:carriers/0` reports it, checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CarrierEntry {
+    /// Carrier size, bytes.
+    pub size: u64,
+    /// Whether it sits in the carrier pool (abandoned by its instance for others to fill).
+    pub in_pool: bool,
+    /// Live blocks in it.
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub block_bytes: u64,
+    /// Free blocks (holes between live blocks) in it.
+    pub free_holes: u64,
+}
+
+impl CarrierEntry {
+    /// Share of the carrier its live blocks take.
+    pub fn usage(&self) -> f64 {
+        self.block_bytes as f64 / self.size.max(1) as f64
+    }
+
+    /// Held by live blocks that fill less than [`PINNED_USAGE`] of it.
+    pub fn pinned(&self) -> bool {
+        self.block_bytes > 0 && self.usage() < PINNED_USAGE
+    }
+}
+
+/// The carrier options of an allocator that decide where blocks go (`+M<x>as`, `+M<x>acul`,
+/// `+M<x>lmbcs`), as the node reports them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CarrierOptions {
+    /// Allocation strategy (`aoffcbf`, `ageffcbf`, ...).
+    pub strategy: Option<String>,
+    /// Abandon carrier utilization limit, percent (0: carriers are never pooled).
+    pub acul: Option<u64>,
+    /// Largest multiblock carrier size, bytes.
+    pub lmbcs: Option<u64>,
+}
+
+/// The carriers of one allocator type, all instances.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllocatorCarriers {
+    /// Allocator (`ets_alloc`, ...).
+    pub name: String,
+    /// Carriers.
+    pub carriers: u64,
+    /// Their bytes.
+    pub carrier_bytes: u64,
+    /// Of `carriers`, those in the pool.
+    pub pool_carriers: u64,
+    /// Live blocks in them.
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub block_bytes: u64,
+    /// Carriers without a live block (releasable, or the main carrier an instance keeps).
+    pub empty: u64,
+    /// Carriers pinned by few live blocks (usage under [`PINNED_USAGE`], above none).
+    pub pinned: u64,
+    /// Bytes of the pinned carriers.
+    pub pinned_bytes: u64,
+    /// Bytes of the live blocks in the pinned carriers.
+    pub pinned_block_bytes: u64,
+    /// Median live blocks per pinned carrier (of the kept carriers).
+    pub pinned_median_blocks: Option<u64>,
+    /// Free blocks (holes) in all its carriers: the free histogram's buckets summed.
+    pub free_holes: u64,
+    /// Free blocks by size: bucket `i` holds sizes below `histogram_start << i` (the last has
+    /// no upper bound).
+    pub free_histogram: Vec<u64>,
+    /// Bytes of its carriers the node did not scan (it skips what would harm responsiveness).
+    pub unscanned_bytes: u64,
+    /// Carriers the median and the extremes were taken from (the first [`CARRIERS_KEPT`]).
+    pub kept: u64,
+    /// Emptiest carriers holding live blocks, emptiest first.
+    pub emptiest: Vec<CarrierEntry>,
+    /// Fullest carriers, fullest first.
+    pub fullest: Vec<CarrierEntry>,
+    /// Its carrier options, when the node reported them.
+    #[serde(default)]
+    pub options: Option<CarrierOptions>,
+}
+
+impl AllocatorCarriers {
+    /// Share of the pinned carriers their live blocks take (0 without pinned carriers).
+    pub fn pinned_usage(&self) -> f64 {
+        self.pinned_block_bytes as f64 / self.pinned_bytes.max(1) as f64
+    }
+}
+
+/// Every carrier of the node at one instant (`instrument:carriers/0`), by allocator: why
+/// free carrier space cannot go back to the OS.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CarrierPicture {
+    /// Seconds since attach.
+    pub t_s: f64,
+    /// Wall time of the calls, milliseconds.
+    pub wall_ms: f64,
+    /// Carriers the node's allocator figures counted before the call (what bounds its cost).
+    pub carriers_counted: u64,
+    /// Why there is no picture (too many carriers, the call failed), when there is none.
+    pub skipped: Option<String>,
+    /// The call loaded OTP's `instrument` module on the node (it was not loaded before).
+    pub loaded_instrument: bool,
+    /// Upper bound of the first free-histogram bucket, bytes.
+    pub histogram_start: u64,
+    /// Entries of the reply dropped because their shape or figures made no sense.
+    pub rejected: u64,
+    /// By allocator, most carrier bytes first.
+    pub allocators: Vec<AllocatorCarriers>,
+}
+
+impl CarrierPicture {
+    /// The carriers of allocator `name`, if the picture has them.
+    pub fn allocator(&self, name: &str) -> Option<&AllocatorCarriers> {
+        self.allocators.iter().find(|a| a.name == name)
+    }
+}
+
+/// Sums carriers into a [`CarrierPicture`]'s per-allocator figures, keeping at most
+/// [`CARRIERS_KEPT`] carriers per allocator and [`PICTURE_ALLOCATORS`] allocators.
+#[derive(Debug, Default)]
+pub struct CarrierTally {
+    by_name: BTreeMap<String, (AllocatorCarriers, Vec<CarrierEntry>)>,
+}
+
+impl CarrierTally {
+    /// Adds one carrier of `allocator` with its free histogram and unscanned bytes; false
+    /// when the allocator would exceed [`PICTURE_ALLOCATORS`] (the carrier is not counted).
+    pub fn add(&mut self, allocator: &str, c: CarrierEntry, free: &[u64], unscanned: u64) -> bool {
+        if !self.by_name.contains_key(allocator) {
+            if self.by_name.len() >= PICTURE_ALLOCATORS {
+                return false;
+            }
+            self.by_name.insert(
+                allocator.to_owned(),
+                (
+                    AllocatorCarriers {
+                        name: allocator.to_owned(),
+                        ..Default::default()
+                    },
+                    Vec::new(),
+                ),
+            );
+        }
+        let Some((a, kept)) = self.by_name.get_mut(allocator) else {
+            return false;
+        };
+        a.carriers += 1;
+        a.carrier_bytes = a.carrier_bytes.saturating_add(c.size);
+        a.pool_carriers += u64::from(c.in_pool);
+        a.blocks = a.blocks.saturating_add(c.blocks);
+        a.block_bytes = a.block_bytes.saturating_add(c.block_bytes);
+        a.unscanned_bytes = a.unscanned_bytes.saturating_add(unscanned);
+        if c.block_bytes == 0 {
+            a.empty += 1;
+        }
+        if c.pinned() {
+            a.pinned += 1;
+            a.pinned_bytes = a.pinned_bytes.saturating_add(c.size);
+            a.pinned_block_bytes = a.pinned_block_bytes.saturating_add(c.block_bytes);
+        }
+        let mut holes = 0u64;
+        for (i, n) in free.iter().take(FREE_BUCKETS).enumerate() {
+            if a.free_histogram.len() <= i {
+                a.free_histogram.push(0);
+            }
+            a.free_histogram[i] = a.free_histogram[i].saturating_add(*n);
+            holes = holes.saturating_add(*n);
+        }
+        a.free_holes = a.free_holes.saturating_add(holes);
+        if kept.len() < CARRIERS_KEPT {
+            kept.push(CarrierEntry {
+                free_holes: holes,
+                ..c
+            });
+        }
+        true
+    }
+
+    /// The per-allocator figures, most carrier bytes first.
+    pub fn finish(self) -> Vec<AllocatorCarriers> {
+        let mut out: Vec<AllocatorCarriers> = self
+            .by_name
+            .into_values()
+            .map(|(mut a, mut kept)| {
+                a.kept = kept.len() as u64;
+                let mut pinned: Vec<u64> = kept
+                    .iter()
+                    .filter(|c| c.pinned())
+                    .map(|c| c.blocks)
+                    .collect();
+                pinned.sort_unstable();
+                a.pinned_median_blocks = pinned.get(pinned.len() / 2).copied();
+                kept.retain(|c| c.block_bytes > 0);
+                kept.sort_by(|x, y| x.usage().total_cmp(&y.usage()));
+                a.emptiest = kept.iter().take(EXTREMES).copied().collect();
+                a.fullest = kept.iter().rev().take(EXTREMES).copied().collect();
+                a
+            })
+            .collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.carrier_bytes));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,5 +650,105 @@ mod tests {
         )
         .unwrap();
         assert_eq!((old.gaps.len(), old.gaps_dropped), (1, 0));
+    }
+    fn carrier(size: u64, blocks: u64, block_bytes: u64, in_pool: bool) -> CarrierEntry {
+        CarrierEntry {
+            size,
+            in_pool,
+            blocks,
+            block_bytes,
+            free_holes: 0,
+        }
+    }
+
+    #[test]
+    fn a_carrier_is_pinned_by_live_blocks_under_a_quarter_of_it() {
+        assert!(carrier(1000, 3, 249, false).pinned());
+        assert!(!carrier(1000, 3, 250, false).pinned());
+        assert!(
+            !carrier(1000, 0, 0, false).pinned(),
+            "an empty carrier can go back"
+        );
+    }
+
+    #[test]
+    fn the_tally_sums_by_allocator_and_takes_the_median_of_pinned_carriers() {
+        const MB8: u64 = 8 << 20;
+        let mut t = CarrierTally::default();
+        // Three carriers pinned by 10, 20 and 700 blocks, one full, one empty.
+        for (blocks, bytes) in [(10, 5_000), (700, 400_000), (20, 9_000)] {
+            assert!(t.add(
+                "ets_alloc",
+                carrier(MB8, blocks, bytes, true),
+                &[1, 2, 700],
+                0
+            ));
+        }
+        assert!(t.add(
+            "ets_alloc",
+            carrier(MB8, 9_000, 7 << 20, false),
+            &[0, 1],
+            4096
+        ));
+        assert!(t.add("ets_alloc", carrier(65536, 0, 0, false), &[1], 0));
+        assert!(t.add("binary_alloc", carrier(65536, 1, 100, false), &[], 0));
+        let out = t.finish();
+        assert_eq!(
+            out.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+            ["ets_alloc", "binary_alloc"]
+        );
+        let e = &out[0];
+        assert_eq!(
+            (e.carriers, e.pool_carriers, e.empty, e.pinned),
+            (5, 3, 1, 3)
+        );
+        assert_eq!(e.carrier_bytes, 4 * MB8 + 65536);
+        assert_eq!(e.blocks, 10 + 700 + 20 + 9_000);
+        assert_eq!(e.pinned_bytes, 3 * MB8);
+        assert_eq!(e.pinned_block_bytes, 414_000);
+        assert_eq!(e.pinned_median_blocks, Some(20));
+        assert_eq!(e.free_holes, 3 * 703 + 1 + 1);
+        assert_eq!(e.free_histogram, vec![4, 7, 2100]);
+        assert_eq!(e.unscanned_bytes, 4096);
+        assert_eq!(e.emptiest[0].blocks, 10, "{:?}", e.emptiest);
+        assert_eq!(e.emptiest.len(), EXTREMES);
+        assert_eq!(e.fullest[0].blocks, 9_000, "{:?}", e.fullest);
+        assert!((e.pinned_usage() - 414_000.0 / (3 * MB8) as f64).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_tally_keeps_bounded_carriers_and_allocators() {
+        let mut t = CarrierTally::default();
+        for i in 0..(CARRIERS_KEPT as u64 + 10) {
+            t.add(
+                "ets_alloc",
+                carrier(1 << 20, 1 + i % 5, 64, false),
+                &[1; 200],
+                0,
+            );
+        }
+        for i in 0..(PICTURE_ALLOCATORS + 5) {
+            t.add(&format!("a{i}"), carrier(1, 0, 0, false), &[], 0);
+        }
+        let out = t.finish();
+        assert_eq!(out.len(), PICTURE_ALLOCATORS);
+        let e = out.iter().find(|a| a.name == "ets_alloc").unwrap();
+        assert_eq!(
+            e.carriers,
+            CARRIERS_KEPT as u64 + 10,
+            "every carrier counted"
+        );
+        assert_eq!(e.kept, CARRIERS_KEPT as u64);
+        assert_eq!(e.free_histogram.len(), FREE_BUCKETS);
+        assert_eq!(e.pinned_median_blocks, Some(3));
+    }
+
+    #[test]
+    fn recordings_without_a_carrier_picture_load() {
+        let old: VmEvidence = serde_json::from_str(
+            r#"{"node":"a@b","samples":[],"census_start":null,"census_end":null}"#,
+        )
+        .unwrap();
+        assert!(old.carriers.is_none());
     }
 }

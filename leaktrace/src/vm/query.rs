@@ -1,21 +1,27 @@
 //! The read-only calls leaktrace makes on the node. Each call is one round trip; everything
 //! that scales with the node (processes, binaries, ports) is capped, and the caps are recorded.
 //! Only BIFs and read-only standard-library functions are called (`lists:zipwith/3` with an
-//! external fun applies a BIF to many items in one call); no code is loaded.
+//! external fun applies a BIF to many items in one call); no code is loaded, except OTP's own
+//! `instrument` module by the carrier picture when the node had not loaded it (the picture
+//! says so).
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Instant,
+};
 
 use erl_dist::term::Term;
 
 use crate::{
     recording::{
         Census, CensusLimits, LoadedCode, PortEntry, Ports, ProcessEntry, TableEntry, VmSample,
+        vm::{CarrierEntry, CarrierOptions, CarrierPicture, CarrierTally, cut_text},
     },
     vm::{
         client::{VmClient, VmError, term_text},
         parse::{self, PROC_LIB_INIT, ProcessRow, shape},
         term::{
-            atom, atom_term, atoms, display, fun, list, list_term, mfa, prop_value, tuple,
+            atom, atom_term, atoms, display, fun, list, list_term, mfa, prop, prop_value, tuple,
             tuple_term, uint,
         },
     },
@@ -482,4 +488,349 @@ fn ports(vm: &VmClient, n: usize, limits: &mut CensusLimits) -> Result<Ports, Vm
 pub fn mseg_cache(vm: &VmClient) -> Option<crate::recording::MsegCache> {
     let query = tuple_term(vec![atom_term("allocator"), atom_term("mseg_alloc")]);
     parse::parse_mseg_cache(&system_info(vm, query).ok()?)
+}
+
+/// Nodes with more carriers than this get no carrier picture: `instrument:carriers/0` walks
+/// every carrier (about 0.1 ms each measured here) and its reply grows with them.
+pub const PICTURE_CARRIER_CAP: u64 = 100_000;
+/// Longest wait for `instrument:carriers/0`: the end of a run does not wait much longer.
+pub const PICTURE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Carriers the node's allocator figures count, summed over `erlang:system_info({allocator,
+/// A})` replies (mbcs, sbcs and the pool of every instance), with each allocator's carrier
+/// options (from its highest instance: instance 0 serves no scheduler and pools nothing).
+pub fn parse_carrier_counts(
+    names: &[String],
+    replies: &[Term],
+) -> (u64, BTreeMap<String, CarrierOptions>) {
+    let mut count = 0u64;
+    let mut options = BTreeMap::new();
+    for (name, reply) in names.iter().zip(replies) {
+        let Some(instances) = list(reply) else {
+            continue; // `false`: the allocator is disabled
+        };
+        let mut highest: Option<(u64, &[Term])> = None;
+        for inst in instances {
+            let Some([tag, n, props]) = tuple(inst).and_then(|t| <&[Term; 3]>::try_from(t).ok())
+            else {
+                continue;
+            };
+            let (Some("instance"), Some(n), Some(props)) = (atom(tag), uint(n), list(props)) else {
+                continue;
+            };
+            for kind in ["mbcs", "sbcs", "mbcs_pool"] {
+                let current = prop_value(props, kind)
+                    .and_then(list)
+                    .and_then(|k| prop(k, "carriers"))
+                    .and_then(|t| t.get(1))
+                    .and_then(uint)
+                    .unwrap_or(0);
+                count = count.saturating_add(current);
+            }
+            if let Some(opts) = prop_value(props, "options").and_then(list)
+                && highest.is_none_or(|(h, _)| n > h)
+            {
+                highest = Some((n, opts));
+            }
+        }
+        if let Some((_, opts)) = highest {
+            let strategy = prop_value(opts, "as")
+                .and_then(atom)
+                .filter(|a| a.len() <= 16 && a.bytes().all(|b| b.is_ascii_lowercase()))
+                .map(str::to_owned);
+            options.insert(
+                name.clone(),
+                CarrierOptions {
+                    strategy,
+                    acul: prop_value(opts, "acul")
+                        .and_then(uint)
+                        .filter(|v| *v <= 100),
+                    lmbcs: prop_value(opts, "lmbcs").and_then(uint),
+                },
+            );
+        }
+    }
+    (count, options)
+}
+
+/// Reads one `instrument:carriers/0` reply into `tally`: `{ok, {HistogramStart, [{Allocator,
+/// InPool, TotalSize, UnscannedSize, [{Type, Count, Size}], FreeHistogram}]}}` (OTP 21+,
+/// lib/runtime_tools/src/instrument.erl). Returns the histogram start and how many carriers
+/// were dropped: a carrier whose figures cannot be (blocks larger than the carrier, a size of
+/// zero, a non-integer) is counted as rejected, never trusted.
+pub fn parse_carriers(reply: &Term, tally: &mut CarrierTally) -> Result<(u64, u64), VmError> {
+    const CALL: &str = "instrument:carriers/0";
+    let body = match tuple(reply) {
+        Some([tag, body]) if atom(tag) == Some("ok") => body,
+        Some([tag, reason]) if atom(tag) == Some("error") => {
+            return Err(VmError::Call {
+                call: CALL.into(),
+                reason: format!("{{error, {}}}", term_text(reason)),
+            });
+        }
+        _ => return Err(shape(CALL, format!("not {{ok, _}}: {}", term_text(reply)))),
+    };
+    let (start, carriers) = match tuple(body) {
+        Some([start, carriers]) => (
+            uint(start).ok_or_else(|| shape(CALL, "histogram start is not an integer"))?,
+            list(carriers).ok_or_else(|| shape(CALL, "carriers are not a list"))?,
+        ),
+        _ => return Err(shape(CALL, "not {HistogramStart, Carriers}")),
+    };
+    let mut rejected = 0u64;
+    for c in carriers {
+        match parse_carrier(c) {
+            Some((name, entry, free, unscanned)) if tally.add(name, entry, &free, unscanned) => {}
+            _ => rejected += 1,
+        }
+    }
+    Ok((start, rejected))
+}
+
+/// One carrier of the reply, checked: `None` when any field has the wrong type or the figures
+/// contradict each other.
+fn parse_carrier(t: &Term) -> Option<(&str, CarrierEntry, Vec<u64>, u64)> {
+    let [name, in_pool, size, unscanned, blocks, free] = tuple(t)? else {
+        return None;
+    };
+    let name = atom(name).filter(|n| n.len() <= 64)?;
+    let in_pool = match atom(in_pool)? {
+        "true" => true,
+        "false" => false,
+        _ => return None,
+    };
+    let size = uint(size).filter(|s| *s > 0)?;
+    let unscanned = uint(unscanned).filter(|u| *u <= size)?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for b in list(blocks)? {
+        let [kind, n, b] = tuple(b)? else {
+            return None;
+        };
+        atom(kind)?;
+        count = count.checked_add(uint(n)?)?;
+        bytes = bytes.checked_add(uint(b)?)?;
+    }
+    if bytes > size || count > bytes {
+        return None;
+    }
+    let free: Vec<u64> = tuple(free)?.iter().map(uint).collect::<Option<_>>()?;
+    // Each free block takes at least a few words of the carrier.
+    if free.iter().try_fold(0u64, |a, n| a.checked_add(*n))? > size {
+        return None;
+    }
+    Some((
+        name,
+        CarrierEntry {
+            size,
+            in_pool,
+            blocks: count,
+            block_bytes: bytes,
+            free_holes: 0,
+        },
+        free,
+        unscanned,
+    ))
+}
+
+/// Every carrier by allocator (`instrument:carriers/0`), when the node has at most
+/// [`PICTURE_CARRIER_CAP`] of them per its allocator figures; else a picture saying why not.
+pub fn carrier_picture(
+    vm: &VmClient,
+    allocators: &[String],
+    t_s: f64,
+) -> Result<CarrierPicture, VmError> {
+    let started = Instant::now();
+    let queries: Vec<Term> = allocators
+        .iter()
+        .map(|name| tuple_term(vec![atom_term("allocator"), atom_term(name)]))
+        .collect();
+    let replies = map(vm, "erlang", "system_info", &queries)?;
+    let (counted, mut options) = parse_carrier_counts(allocators, &replies);
+    let mut picture = CarrierPicture {
+        t_s,
+        carriers_counted: counted,
+        ..Default::default()
+    };
+    if counted > PICTURE_CARRIER_CAP {
+        picture.skipped = Some(format!(
+            "the node has {counted} carriers, more than {PICTURE_CARRIER_CAP}: instrument:carriers/0 would walk them all"
+        ));
+        picture.wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        return Ok(picture);
+    }
+    // Calling a module the node has not loaded makes its code server load it: say so.
+    let loaded = vm.call("code", "is_loaded", vec![atom_term("instrument")])?;
+    picture.loaded_instrument = atom(&loaded) == Some("false");
+    let reply = vm.call_within(PICTURE_TIMEOUT, "instrument", "carriers", vec![]);
+    picture.wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut tally = CarrierTally::default();
+    match reply.and_then(|r| parse_carriers(&r, &mut tally)) {
+        Ok((start, rejected)) => {
+            picture.histogram_start = start;
+            picture.rejected = rejected;
+            picture.allocators = tally.finish();
+            for a in &mut picture.allocators {
+                a.options = options.remove(&a.name);
+            }
+        }
+        Err(e @ VmError::ReplyOverCap { .. }) => return Err(e),
+        Err(e) => picture.skipped = Some(cut_text(&format!("{e}"))),
+    }
+    Ok(picture)
+}
+
+#[cfg(test)]
+mod tests {
+    use erl_dist::term::BigInteger;
+
+    use super::*;
+    use crate::vm::term::small;
+
+    fn carrier(name: &str, pool: bool, size: u64, blocks: &[(u64, u64)], free: &[u64]) -> Term {
+        let big = |v: u64| Term::from(BigInteger::from(v));
+        tuple_term(vec![
+            atom_term(name),
+            atom_term(if pool { "true" } else { "false" }),
+            big(size),
+            small(0),
+            list_term(
+                blocks
+                    .iter()
+                    .map(|(n, b)| tuple_term(vec![atom_term(name), big(*n), big(*b)]))
+                    .collect(),
+            ),
+            tuple_term(free.iter().map(|v| big(*v)).collect()),
+        ])
+    }
+
+    fn reply(carriers: Vec<Term>) -> Term {
+        tuple_term(vec![
+            atom_term("ok"),
+            tuple_term(vec![small(512), list_term(carriers)]),
+        ])
+    }
+
+    #[test]
+    fn carriers_are_summed_and_nonsense_is_rejected() {
+        // As OTP 25 answers after an ETS table was filled and 95% emptied.
+        let mut carriers: Vec<Term> = (0..34)
+            .map(|_| {
+                carrier(
+                    "ets_alloc",
+                    true,
+                    8 << 20,
+                    &[(589, 414_656)],
+                    &[0, 0, 0, 583, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                )
+            })
+            .collect();
+        carriers.push(carrier("ets_alloc", false, 65536, &[], &[1]));
+        // Hostile entries: blocks larger than their carrier, more blocks than bytes, a string
+        // for a size, holes beyond any carrier, a 5-tuple, an atom that is not a boolean.
+        carriers.push(carrier("ets_alloc", false, 100, &[(1, 200)], &[]));
+        carriers.push(carrier("ets_alloc", false, 100, &[(50, 10)], &[]));
+        carriers.push(carrier("ets_alloc", false, 100, &[], &[u64::MAX, 2]));
+        carriers.push(tuple_term(vec![
+            atom_term("ets_alloc"),
+            atom_term("false"),
+            Term::from(erl_dist::term::Binary::from(b"8388608".to_vec())),
+            small(0),
+            list_term(vec![]),
+            tuple_term(vec![]),
+        ]));
+        carriers.push(tuple_term(vec![atom_term("ets_alloc"); 5]));
+        carriers.push(tuple_term(vec![
+            atom_term("ets_alloc"),
+            atom_term("maybe"),
+            small(100),
+            small(0),
+            list_term(vec![]),
+            tuple_term(vec![]),
+        ]));
+        let mut tally = CarrierTally::default();
+        let (start, rejected) = parse_carriers(&reply(carriers), &mut tally).unwrap();
+        assert_eq!((start, rejected), (512, 6));
+        let out = tally.finish();
+        let e = &out[0];
+        assert_eq!(
+            (e.carriers, e.pool_carriers, e.pinned, e.empty),
+            (35, 34, 34, 1)
+        );
+        assert_eq!(e.pinned_median_blocks, Some(589));
+        assert_eq!(e.free_holes, 34 * 589 + 1);
+        assert_eq!(e.block_bytes, 34 * 414_656);
+    }
+
+    #[test]
+    fn an_error_or_a_strange_reply_is_an_error_not_an_empty_picture() {
+        let mut tally = CarrierTally::default();
+        let err = tuple_term(vec![atom_term("error"), atom_term("not_enabled")]);
+        let e = parse_carriers(&err, &mut tally).unwrap_err();
+        assert!(e.to_string().contains("not_enabled"), "{e}");
+        for odd in [
+            atom_term("ok"),
+            tuple_term(vec![atom_term("ok"), small(1)]),
+            tuple_term(vec![
+                atom_term("ok"),
+                tuple_term(vec![small(-1), list_term(vec![])]),
+            ]),
+        ] {
+            assert!(parse_carriers(&odd, &mut tally).is_err(), "{odd}");
+        }
+    }
+
+    #[test]
+    fn carrier_counts_sum_every_kind_and_options_come_from_the_highest_instance() {
+        let t = tuple_term;
+        let a = atom_term;
+        let instance = |n: i32, acul: i32, mbcs: i32, pool: i32| {
+            t(vec![
+                a("instance"),
+                small(n),
+                list_term(vec![
+                    t(vec![
+                        a("options"),
+                        list_term(vec![
+                            t(vec![a("acul"), small(acul)]),
+                            t(vec![a("as"), a("aoffcbf")]),
+                            t(vec![a("lmbcs"), small(5_242_880)]),
+                        ]),
+                    ]),
+                    t(vec![
+                        a("mbcs"),
+                        list_term(vec![t(vec![
+                            a("carriers"),
+                            small(mbcs),
+                            small(41),
+                            small(41),
+                        ])]),
+                    ]),
+                    t(vec![
+                        a("mbcs_pool"),
+                        list_term(vec![t(vec![a("carriers"), small(pool)])]),
+                    ]),
+                    t(vec![
+                        a("sbcs"),
+                        list_term(vec![t(vec![a("carriers"), small(1), small(1), small(1)])]),
+                    ]),
+                ]),
+            ])
+        };
+        let names = vec!["ets_alloc".to_owned(), "exec_alloc".to_owned()];
+        let replies = vec![
+            list_term(vec![
+                instance(0, 0, 0, 0),
+                instance(2, 60, 9, 28),
+                instance(1, 50, 1, 0),
+            ]),
+            a("false"),
+        ];
+        let (count, options) = parse_carrier_counts(&names, &replies);
+        assert_eq!(count, 1 + (9 + 28 + 1) + (1 + 1));
+        let o = &options["ets_alloc"];
+        assert_eq!(o.acul, Some(60));
+        assert_eq!(o.strategy.as_deref(), Some("aoffcbf"));
+        assert_eq!(o.lmbcs, Some(5_242_880));
+        assert!(!options.contains_key("exec_alloc"));
+    }
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::recording::{Census, VmSample};
+use crate::recording::{Census, VmSample, vm::CarrierPicture};
 
 /// A snapshot as printed with `--json`.
 #[derive(Debug, Serialize)]
@@ -22,6 +22,8 @@ pub struct Snapshot<'a> {
     pub usage: f64,
     /// Processes, tables, atoms.
     pub census: &'a Census,
+    /// Every carrier by allocator (`instrument:carriers/0`).
+    pub carriers: &'a CarrierPicture,
 }
 
 fn mib(b: u64) -> String {
@@ -233,5 +235,61 @@ pub fn text(snap: &Snapshot<'_>) -> String {
         );
     }
     let _ = writeln!(o, "census took {:.0} ms", c.limits.wall_ms);
+    carriers_text(&mut o, snap.carriers);
     o
+}
+
+/// The carrier picture: per allocator, how many carriers are pinned by few live blocks.
+pub fn carriers_text(o: &mut String, p: &CarrierPicture) {
+    let _ = writeln!(
+        o,
+        "\ncarriers (instrument:carriers, {:.0} ms{}): {}",
+        p.wall_ms,
+        if p.loaded_instrument {
+            "; the call loaded OTP's instrument module on the node"
+        } else {
+            ""
+        },
+        match &p.skipped {
+            Some(why) => format!("none: {}", clean(why)),
+            None => format!(
+                "pinned = carriers whose live blocks take under {:.0}% of them, median/pinned = live blocks in the median pinned carrier{}",
+                crate::recording::vm::PINNED_USAGE * 100.0,
+                if p.rejected > 0 {
+                    format!("; {} malformed entries dropped", p.rejected)
+                } else {
+                    String::new()
+                }
+            ),
+        }
+    );
+    if p.skipped.is_some() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "{:<16} {:>8} {:>12} {:>6} {:>11} {:>7} {:>13} {:>11}",
+        "allocator",
+        "carriers",
+        "size",
+        "pool",
+        "live blocks",
+        "pinned",
+        "median/pinned",
+        "free holes"
+    );
+    for a in &p.allocators {
+        let _ = writeln!(
+            o,
+            "{:<16} {:>8} {:>12} {:>6} {:>11} {:>7} {:>13} {:>11}",
+            clean(&a.name),
+            a.carriers,
+            mib(a.carrier_bytes),
+            a.pool_carriers,
+            a.blocks,
+            a.pinned,
+            a.pinned_median_blocks.map_or("—".into(), |m| m.to_string()),
+            a.free_holes
+        );
+    }
 }

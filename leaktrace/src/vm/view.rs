@@ -13,7 +13,10 @@ use std::{
 
 use crate::{
     config::VmAccess,
-    recording::{Census, VmEvidence, VmGap, VmSample, vm::MAX_GAPS},
+    recording::{
+        Census, VmEvidence, VmGap, VmSample,
+        vm::{CarrierPicture, MAX_GAPS, cut_text},
+    },
     vm::{
         VmClient, VmError,
         discover::{self, CookieSource},
@@ -94,6 +97,11 @@ impl VmView {
     /// Takes the Erlang-level census.
     pub fn census(&self, t_s: f64) -> Result<Census, VmError> {
         query::census(&self.client, self.top, t_s)
+    }
+
+    /// Every carrier by allocator (`instrument:carriers/0`), or a picture saying why not.
+    pub fn carrier_picture(&self, t_s: f64) -> Result<CarrierPicture, VmError> {
+        query::carrier_picture(&self.client, &self.allocators.enabled, t_s)
     }
 
     /// The ledger figures of a sample: (vm_used, vm_allocated), `None` when the VM's memory
@@ -384,6 +392,7 @@ fn run_worker(
                 // The run ended: a closing census if the node is with us.
                 if let Some(v) = &view {
                     census(v, now_s(), shared, true);
+                    carrier_picture(v, now_s(), shared);
                 }
                 return;
             }
@@ -439,6 +448,7 @@ fn run_worker(
             // The run may have ended while a call was slow: then this is the closing census.
             if let Err(mpsc::TryRecvError::Disconnected) = requests.try_recv() {
                 census(v, now_s(), shared, true);
+                carrier_picture(v, now_s(), shared);
                 return;
             }
             let cost = census(v, now_s(), shared, false);
@@ -484,6 +494,33 @@ fn census(v: &VmView, t_s: f64, shared: &Mutex<Shared>, closing: bool) -> Durati
         }
     }
     cost
+}
+
+/// Takes the carrier picture into the evidence, once, after the closing census. Until it is
+/// in, the evidence says the run's end did not wait for it: a run that ends first keeps that.
+fn carrier_picture(v: &VmView, t_s: f64, shared: &Mutex<Shared>) {
+    {
+        let mut s = lock(shared);
+        if matches!(s.status, Status::Off { .. }) {
+            return;
+        }
+        let Some(e) = s.evidence.as_mut() else { return };
+        e.carriers = Some(CarrierPicture {
+            t_s,
+            skipped: Some("the run ended before the node answered instrument:carriers/0".into()),
+            ..Default::default()
+        });
+    }
+    let started = Instant::now();
+    let picture = v.carrier_picture(t_s).unwrap_or_else(|e| CarrierPicture {
+        t_s,
+        wall_ms: started.elapsed().as_secs_f64() * 1000.0,
+        skipped: Some(cut_text(&format!("instrument:carriers/0 failed: {e}"))),
+        ..Default::default()
+    });
+    if let Some(e) = lock(shared).evidence.as_mut() {
+        e.carriers = Some(picture);
+    }
 }
 
 /// The source note of a view stopped by [`VmError::ReplyOverCap`].
