@@ -12,7 +12,7 @@ pub fn vm_carriers_near(rec: &Recording, label: &str) -> Option<u64> {
     if label == "at attach" {
         with_vm.next()
     } else {
-        with_vm.last()
+        with_vm.next_back()
     }
 }
 

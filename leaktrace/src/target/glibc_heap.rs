@@ -480,7 +480,7 @@ impl Walker<'_> {
                 (heap + self.layout.heap_info_size).next_multiple_of(ALIGN)
             };
             let end = heap + size;
-            let top_here = (heap..end).contains(&top).then_some(top).unwrap_or(0);
+            let top_here = if (heap..end).contains(&top) { top } else { 0 };
             self.chunks(arena, first, end, top_here);
             if prev == 0 || self.over_budget() {
                 break;
