@@ -468,6 +468,11 @@ pub fn judge(rec: &Recording) -> Verdict {
                 trends.describe("rss_anon")
             } else if kind == VerdictKind::Inconclusive && held_outside.is_some() {
                 "memory is held outside the VM and nothing names its owner yet".into()
+            } else if culprits
+                .first()
+                .is_some_and(|c| c.kind == CulpritKind::MallocArenas)
+            {
+                "malloc's arenas hold mostly freed memory".into()
             } else {
                 "an allocator holds mostly empty carriers".into()
             },

@@ -202,6 +202,35 @@ fn two_problems_at_once_are_two_findings() {
 }
 
 #[test]
+fn memory_a_nif_held_before_attach_is_inconclusive_naming_the_candidates() {
+    let (code, r) = judged("malloc_held.json", &[]);
+    assert_eq!(kind(&r), "inconclusive", "{:#}", r["verdict"]);
+    assert_eq!(code, 3);
+    let summary = r["verdict"]["summary"].as_str().unwrap();
+    for want in ["resident outside the VM at attach", "lt_native.so", "--native on"] {
+        assert!(summary.contains(want), "{want}: {summary}");
+    }
+    assert!(!summary.contains("beam.smp"), "{summary}");
+    // Raised past the level, the same recording has nothing left to say.
+    let (code, r) = judged("malloc_held.json", &["--outside-min", "1024"]);
+    assert_eq!(kind(&r), "healthy", "{:#}", r["verdict"]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn freed_memory_glibc_keeps_is_fragmentation_of_the_malloc_arenas() {
+    let (code, r) = judged("malloc_frag.json", &[]);
+    assert_eq!(kind(&r), "fragmentation", "{:#}", r["verdict"]);
+    assert_eq!(code, 0);
+    assert_eq!(culprit_names(&r), vec!["malloc arenas".to_string()]);
+    let detail = r["verdict"]["culprits"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("malloc_trim(0)"), "{detail}");
+    // The resident breakdown is in report.json as recorded.
+    let at = &r["resident"]["at_attach"];
+    assert!(at["malloc_free"].as_u64().unwrap() > 150 << 20, "{at:#}");
+}
+
+#[test]
 fn carrier_growth_without_the_vm_view_is_inconclusive_and_says_why() {
     let (code, r) = judged("carriers_no_vm.json", &[]);
     assert_eq!(kind(&r), "inconclusive", "{:#}", r["verdict"]);
