@@ -207,7 +207,11 @@ fn memory_a_nif_held_before_attach_is_inconclusive_naming_the_candidates() {
     assert_eq!(kind(&r), "inconclusive", "{:#}", r["verdict"]);
     assert_eq!(code, 3);
     let summary = r["verdict"]["summary"].as_str().unwrap();
-    for want in ["resident outside the VM at attach", "lt_native.so", "--native on"] {
+    for want in [
+        "resident outside the VM at attach",
+        "lt_native.so",
+        "--native on",
+    ] {
         assert!(summary.contains(want), "{want}: {summary}");
     }
     assert!(!summary.contains("beam.smp"), "{summary}");

@@ -14,14 +14,9 @@ use std::{
 
 use super::{Node, leaktrace, leftover_programs, privileged, serial, stderr};
 
-/// A scratch directory for `name` under the test target directory, emptied.
+/// A scratch directory for `name`, emptied.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("outputs")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    super::scratch_in("outputs", name)
 }
 
 /// A small tmpfs mounted at a directory, filled to the last byte; unmounted on drop, whatever

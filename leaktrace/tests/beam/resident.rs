@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -13,14 +13,9 @@ use serde_json::Value;
 
 use super::{Node, attach_vm, json, leaktrace, privileged, serial, stderr};
 
-/// A scratch directory for `name` under the test target directory, emptied.
+/// A scratch directory for `name`, emptied.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("resident")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    super::scratch_in("resident", name)
 }
 
 /// A distributed node waiting to run `lt_native:hold(Bytes, Count, KeepEvery)`.
