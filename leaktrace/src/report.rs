@@ -233,7 +233,7 @@ fn census_markdown(o: &mut String, c: &Census, start: Option<&Census>) {
 fn carriers_markdown(o: &mut String, p: &crate::recording::vm::CarrierPicture) {
     let _ = writeln!(
         o,
-        "\n### Carriers (instrument:carriers)\n\nAt {:.0} s, {:.0} ms{}.",
+        "\n### Carriers (instrument:carriers)\n\nTaken at {:.0} s in {:.0} ms{}.",
         p.t_s,
         p.wall_ms,
         if p.loaded_instrument {
@@ -271,6 +271,27 @@ fn carriers_markdown(o: &mut String, p: &crate::recording::vm::CarrierPicture) {
             a.pinned,
             a.pinned_median_blocks.map_or("—".into(), |m| m.to_string()),
             a.free_holes
+        );
+    }
+    let mut pinned: Vec<_> = p.allocators.iter().filter(|a| a.pinned > 0).collect();
+    pinned.sort_by_key(|a| std::cmp::Reverse(a.pinned_bytes));
+    for a in pinned.iter().take(3) {
+        let _ = writeln!(
+            o,
+            "\nEmptiest {} carriers holding blocks: {}.",
+            md(&a.name),
+            a.emptiest
+                .iter()
+                .map(|c| format!(
+                    "{} with {} blocks ({:.1}% used, {} free holes{})",
+                    human_bytes(c.size as f64),
+                    c.blocks,
+                    100.0 * c.usage(),
+                    c.free_holes,
+                    if c.in_pool { ", in the pool" } else { "" }
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
     }
 }
