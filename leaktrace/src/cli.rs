@@ -134,8 +134,9 @@ pub struct TraceArgs {
     /// cheaper, growth scaled by the time the windows were open (the report says so).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "full", value_name = "MODE")]
     pub blocks: Option<crate::config::BlockMode>,
-    /// Most of one CPU, in percent, the block probes may cost (estimated each interval from
-    /// their hit rate); past it they are detached and the report says when.
+    /// Most of one CPU, in percent, each probe family may cost (native and block probes,
+    /// estimated each interval from their hit rate); past it the family is detached and the
+    /// report says when.
     #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
     pub max_overhead: f64,
     #[command(flatten)]

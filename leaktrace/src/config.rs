@@ -32,8 +32,8 @@ pub struct TraceConfig {
     pub stacks: u32,
     /// Block probes on erts_alcu (`--blocks[=full|sampled]`; None: off).
     pub blocks: Option<BlockMode>,
-    /// Most of one CPU the block probes may cost (a fraction, `--max-overhead` percent / 100):
-    /// past it they are detached and the report says when.
+    /// Most of one CPU each probe family (native, block) may cost (a fraction, `--max-overhead`
+    /// percent / 100): past it the family is detached and the report says when.
     pub max_overhead: f64,
 }
 

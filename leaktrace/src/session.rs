@@ -180,13 +180,47 @@ struct NativeProbes {
     reason: String,
     /// `--stacks`: frames of user stack per allocation call (0: none).
     stacks: u32,
+    /// `--max-overhead`: most of one CPU the probes may cost (a fraction).
+    max_overhead: f64,
+    /// Hits and time at the last overhead check.
+    last: (u64, f64),
+    /// Share of one CPU the probes cost at the last check.
+    overhead: f64,
+    /// When they were detached for costing more than the budget.
+    detached_at_s: Option<f64>,
+}
+
+/// Estimated cost of one hit of a native probe: an emulated entry probe or the return
+/// trampoline, about 1 µs each on this kernel (a malloc/free pair is three hits; see the bench).
+const NATIVE_HIT_COST_S: f64 = 1.0e-6;
+
+/// Counter ids and program names of every native probe (libc and NIF API), each once.
+fn native_ids_and_programs() -> (Vec<u32>, Vec<&'static str>) {
+    let mut ids: Vec<u32> = Vec::new();
+    let mut programs: Vec<&'static str> = Vec::new();
+    for spec in crate::probes::NATIVE_PROBES
+        .iter()
+        .chain(crate::probes::NIF_API_PROBES)
+    {
+        if !ids.contains(&spec.id) {
+            ids.push(spec.id);
+        }
+        if !programs.contains(&spec.program) {
+            programs.push(spec.program);
+        }
+    }
+    (ids, programs)
 }
 
 impl NativeProbes {
-    fn new(mode: NativeMode, stacks: u32) -> NativeProbes {
+    fn new(mode: NativeMode, stacks: u32, max_overhead: f64) -> NativeProbes {
         NativeProbes {
             mode,
             stacks,
+            max_overhead,
+            last: (0, 0.0),
+            overhead: 0.0,
+            detached_at_s: None,
             ledger: None,
             attached_at_s: None,
             libc: None,
@@ -259,6 +293,8 @@ impl NativeProbes {
                 ledger.set_stack_depth(self.stacks);
                 self.ledger = Some(ledger);
                 self.attached_at_s = Some(t_s);
+                let (ids, _) = native_ids_and_programs();
+                self.last = (tracer.hits_of(&ids), t_s);
                 self.reason = why;
                 self.libc = Some(libc);
                 // Its descriptor stays open while the probes may be put back (`/proc/self/fd/N`).
@@ -271,25 +307,56 @@ impl NativeProbes {
         }
     }
 
-    /// Reads the kernel's site totals into the ledger, the sample and the histograms.
+    /// Reads the kernel's site totals into the ledger, the sample and the histograms; detaches
+    /// the probes when they cost more than `--max-overhead`.
     fn account(
         &mut self,
-        tracer: &Tracer,
+        tracer: &mut Tracer,
         s: &mut crate::recording::Sample,
         h: &mut crate::recording::histograms::Histograms,
     ) {
         let Some(ledger) = self.ledger.as_mut() else {
             return;
         };
-        ledger.update(tracer.native_sites());
-        ledger.histograms_into(tracer.native_hists(), h);
-        if self.stacks > 0 {
-            ledger.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
+        if self.detached_at_s.is_none() {
+            ledger.update(tracer.native_sites());
+            ledger.histograms_into(tracer.native_hists(), h);
+            if self.stacks > 0 {
+                ledger.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
+            }
+            // The series ends where the probes did: a frozen figure is not a flat trend.
+            ledger.record_point(s.t_s);
         }
-        ledger.record_point(s.t_s);
         let native = ledger.outstanding();
         s.native_outstanding = Some(native);
         s.unexplained = s.unexplained.map(|u| u - native);
+        if self.detached_at_s.is_none() {
+            self.keep_within_budget(tracer, s.t_s);
+        }
+    }
+
+    /// Estimates what the probes cost since the last check (hits/s x cost per hit) and
+    /// detaches them past `--max-overhead`: an allocation-heavy node is never slowed for long.
+    fn keep_within_budget(&mut self, tracer: &mut Tracer, t_s: f64) {
+        let (ids, programs) = native_ids_and_programs();
+        let hits = tracer.hits_of(&ids);
+        let dt = t_s - self.last.1;
+        if dt <= 0.0 {
+            return;
+        }
+        self.overhead = hits.saturating_sub(self.last.0) as f64 * NATIVE_HIT_COST_S / dt;
+        self.last = (hits, t_s);
+        if self.overhead > self.max_overhead {
+            tracer.detach_programs(&programs);
+            self.detached_at_s = Some(t_s);
+            self.reason = format!(
+                "{}; detached at {t_s:.1} s: {:.0} native probe hits/s cost an estimated {:.0}% of a CPU, over --max-overhead {:.0}%; native figures after that are frozen (run with a higher --max-overhead, or --native off, on an allocation-heavy node)",
+                self.reason,
+                self.overhead / NATIVE_HIT_COST_S,
+                self.overhead * 100.0,
+                self.max_overhead * 100.0
+            );
+        }
     }
 
     /// The evidence for the recording (None with `--native off`), and the native loss
@@ -306,12 +373,16 @@ impl NativeProbes {
             });
             return (e, Vec::new());
         }
-        // The totals as they stand at the end (the last sample can be up to an interval old).
+        // The totals as they stand at the end (the last sample can be up to an interval old);
+        // frozen where the probes were detached over budget.
+        let frozen = self.detached_at_s.is_some();
         if let Some(l) = self.ledger.as_mut() {
-            l.update(tracer.native_sites());
-            l.histograms_into(tracer.native_hists(), h);
+            if !frozen {
+                l.update(tracer.native_sites());
+                l.histograms_into(tracer.native_hists(), h);
+            }
             l.censor_into(h);
-            if self.stacks > 0 {
+            if self.stacks > 0 && !frozen {
                 l.update_stacks(tracer.stack_sites(), |id| tracer.stack_frames(id));
             }
         }
@@ -323,6 +394,8 @@ impl NativeProbes {
             },
         };
         e.libc = self.libc;
+        e.detached_at_s = self.detached_at_s;
+        e.overhead_cpu_share = self.overhead;
         let unreadable = tracer.native_losses(&mut e);
         (Some(e), unreadable)
     }
@@ -773,7 +846,7 @@ async fn sample_loop(
     );
     vm.request(0.0, 0);
     let mut samples = vec![first];
-    let mut native = NativeProbes::new(cfg.native, cfg.stacks);
+    let mut native = NativeProbes::new(cfg.native, cfg.stacks, cfg.max_overhead);
     let mut blocks = BlockProbes::new(cfg);
     let mut histograms = crate::recording::histograms::Histograms::default();
     blocks.try_attach(&traced, &mut tracer, 0.0);
@@ -826,7 +899,7 @@ async fn sample_loop(
                 // VM figures arrive from the worker when the node answers; the loop never waits.
                 vm.request(t_s, samples.len());
                 let mut s = s;
-                native.account(&tracer, &mut s, &mut histograms);
+                native.account(&mut tracer, &mut s, &mut histograms);
                 blocks.account(&mut tracer, &mut s, &mut histograms);
                 carrier_histograms(&mut ledger, &learned.names, &mut histograms);
                 histograms.close_interval(t_s);

@@ -226,6 +226,14 @@ pub fn degradation(rec: &Recording) -> Vec<String> {
     if let Some(b) = rec.losses.carrier_bound() {
         out.push(b);
     }
+    if let Some(n) = rec.native.as_ref()
+        && let Some(at) = n.detached_at_s
+    {
+        out.push(format!(
+            "native probes detached at {at:.1} s over --max-overhead ({:.0}% of a CPU): native figures stop there, growth after it is not attributed",
+            n.overhead_cpu_share * 100.0
+        ));
+    }
     if let Some(n) = rec.native.as_ref().filter(|n| n.lossy()) {
         out.push(format!(
             "{} native allocations went untracked (outstanding map full {}, site map full {}): native figures are lower bounds",
@@ -687,6 +695,10 @@ fn native_rule(rec: &Recording, trends: &Trends) -> Result<Candidate, RuledOut> 
                 m.function.as_deref().map(|f| format!(": {f}")).unwrap_or_default(),
                 m.untracked,
                 human_bytes(m.untracked_bytes as f64)
+            ),
+            (Some(n), None) if n.detached_at_s.is_some() => format!(
+                "the native probes were detached at {:.1} s over --max-overhead, so the growth after it is not attributed",
+                n.detached_at_s.unwrap_or(0.0)
             ),
             (Some(n), None) if n.attached_at_s.is_some() => {
                 "the native probes saw no growing object: the growth is outside the malloc family (direct system calls, a driver's own mappings) or came before they attached".to_owned()
@@ -1725,6 +1737,26 @@ mod tests {
         assert!(
             !d.contains("pinned") && !d.contains("carrier picture"),
             "{d}"
+        );
+    }
+
+    #[test]
+    fn native_probes_detached_over_budget_are_said_in_the_verdict() {
+        let mut rec: Recording =
+            serde_json::from_str(include_str!("../tests/recordings/healthy.json")).unwrap();
+        rec.native = Some(crate::recording::NativeEvidence {
+            attached_at_s: Some(0.5),
+            detached_at_s: Some(2.0),
+            overhead_cpu_share: 0.4,
+            reason: "--native on".into(),
+            ..Default::default()
+        });
+        let v = judge(&rec);
+        assert!(
+            v.degraded
+                .iter()
+                .any(|d| d.contains("native probes detached at 2.0 s") && d.contains("40%")),
+            "{v:#?}"
         );
     }
 }

@@ -42,6 +42,13 @@ pub struct NativeEvidence {
     /// taken, an unreadable stack, the (site, stack) map full); their sites count them still.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stack_errors: Option<u64>,
+    /// Seconds since attach when the probes were detached for costing more than
+    /// `--max-overhead` (None: they stayed); figures after it are frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_at_s: Option<f64>,
+    /// Share of one CPU the probes cost at the last estimate (hits/s x cost per hit).
+    #[serde(default)]
+    pub overhead_cpu_share: f64,
 }
 
 fn is_zero(v: &u32) -> bool {

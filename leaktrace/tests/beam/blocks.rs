@@ -426,3 +426,53 @@ fn sampled_blocks_estimate_the_growth_full_blocks_measure() {
         evidence(&sampled)
     );
 }
+
+#[test]
+fn native_probes_past_the_budget_are_detached_and_say_so() {
+    if !privileged("native_probes_past_the_budget_are_detached_and_say_so") {
+        return;
+    }
+    let _s = serial();
+    // Allocation-heavy: 20 000 malloc/free pairs per call, a call every millisecond. Traced
+    // in full, three probe hits per pair cost far more than 5% of a CPU.
+    let node = Node::start("lt_native:churn_forever(churn, 64, 20000, 1)");
+    thread::sleep(Duration::from_millis(500));
+    let pid = node.pid().to_string();
+    let out = leaktrace(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "4s",
+        "--interval",
+        "500ms",
+        "--native",
+        "on",
+        "--max-overhead",
+        "5",
+        "--no-vm",
+        "--json",
+    ]);
+    let report = json(&out);
+    let native = &report["native"];
+    let ctx = format!("native {native:#}\nverdict {:#}", report["verdict"]);
+    let detached = native["detached_at_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("the probes were not detached: {ctx}"));
+    let attached = native["attached_at_s"].as_f64().unwrap();
+    assert!(detached >= attached && detached <= attached + 2.0, "{ctx}");
+    assert!(
+        native["overhead_cpu_share"].as_f64().unwrap() > 0.05,
+        "{ctx}"
+    );
+    let reason = native["reason"].as_str().unwrap();
+    assert!(reason.contains("over --max-overhead 5%"), "{ctx}");
+    // The verdict says its native figures stop there.
+    let said = report["verdict"]["degraded"].as_array().is_some_and(|d| {
+        d.iter().any(|n| {
+            n.as_str()
+                .is_some_and(|n| n.contains("native probes detached"))
+        })
+    });
+    assert!(said, "{ctx}");
+}
