@@ -779,9 +779,9 @@ impl CarrierLedger {
 /// of every segment the default and literal mappers make are multiples of it.
 pub const ERTS_SEGMENT_ALIGN: u64 = 1 << 18;
 
-/// glibc's `HEAP_MAX_SIZE` on 64-bit: malloc arenas other than the main one are heaps of this
-/// size, aligned to it.
-const GLIBC_HEAP_MAX: u64 = 64 << 20;
+// glibc's `HEAP_MAX_SIZE` on 64-bit: malloc arenas other than the main one are heaps of this
+// size, aligned to it.
+use crate::target::glibc_heap::HEAP_MAX as GLIBC_HEAP_MAX;
 
 /// The anonymous writable mappings of a `/proc/PID/maps` text that look like ERTS carriers
 /// or cached segments made before attach: both ends aligned to [`ERTS_SEGMENT_ALIGN`]
@@ -792,10 +792,9 @@ const GLIBC_HEAP_MAX: u64 = 64 << 20;
 /// 256 KiB-aligned at both ends.
 /// ERTS ranges of `pid` told by that shape: carriers and cached segments together, by no
 /// allocator (the VM's own carrier sizes by allocator stand beside them in the report).
-pub fn erts_ranges_by_shape(pid: u32) -> crate::target::breakdown::ErtsRanges {
-    let maps = crate::target::maps_text(pid).unwrap_or_default();
+pub fn erts_ranges_by_shape(maps: &str) -> crate::target::breakdown::ErtsRanges {
     crate::target::breakdown::ErtsRanges {
-        carriers: erts_like_mappings(&maps)
+        carriers: erts_like_mappings(maps)
             .into_iter()
             .map(|r| (String::new(), r))
             .collect(),

@@ -166,7 +166,7 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
     // Where the node's resident memory lies now: ERTS carriers told by their shape in the maps
     // (no probes here), glibc's arenas walked; the VM's own carrier figure beside them.
     let resident =
-        leaktrace::target::breakdown::measure(pid, &leaktrace::carriers::erts_ranges_by_shape(pid));
+        leaktrace::target::breakdown::measure(pid, leaktrace::carriers::erts_ranges_by_shape);
     if json {
         let mut value = serde_json::to_value(&snapshot).expect("serializable");
         value["resident"] = match &resident {
@@ -181,7 +181,8 @@ fn vm_snapshot(pid: Option<u32>, access: &VmAccess, json: bool) -> Result<u8, Er
                 out("");
                 for line in leaktrace::target::breakdown::render("now", b, Some(sample.allocated()))
                 {
-                    out(&line);
+                    // Object paths come from the target's maps: escaped like every name it gives.
+                    out(&render::clean(&line));
                 }
             }
             Err(e) => out(&format!(

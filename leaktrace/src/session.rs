@@ -833,11 +833,8 @@ async fn sample_loop(
     };
     let baseline = rss0.anon;
     // The level at attach: where the resident memory already lies before any trend exists.
-    let resident_at_attach = crate::target::breakdown::measure(
-        traced.pid,
-        &crate::carriers::erts_ranges_by_shape(traced.pid),
-    )
-    .ok();
+    let resident_at_attach =
+        crate::target::breakdown::measure(traced.pid, crate::carriers::erts_ranges_by_shape).ok();
     let first = ledger::sample(
         0.0,
         rss0,
@@ -1044,11 +1041,8 @@ async fn sample_loop(
         ));
     }
 
-    let resident_at_end = crate::target::breakdown::measure(
-        traced.pid,
-        &crate::carriers::erts_ranges_by_shape(traced.pid),
-    )
-    .ok();
+    let resident_at_end =
+        crate::target::breakdown::measure(traced.pid, crate::carriers::erts_ranges_by_shape).ok();
     let recording = Recording {
         resident: (resident_at_attach.is_some() || resident_at_end.is_some()).then_some({
             crate::recording::resident::ResidentLevels {

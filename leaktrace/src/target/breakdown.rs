@@ -3,21 +3,14 @@
 //! the pagemap. Ledger lines are changes since attach; this is the level an operator who
 //! arrives after the fact needs ("RSS is 8 GB, erlang:memory says 3: where is the rest?").
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::{self, Read},
-};
+use std::{collections::BTreeMap, io};
 
 pub use crate::recording::resident::Breakdown;
 use crate::resident::{self, Pagemap, Range};
 
-/// Largest /proc/PID/maps read (a hostile target cannot make the tracer read without end).
-const MAPS_CAP: u64 = 16 << 20;
-
-/// glibc's `HEAP_MAX_SIZE` on 64-bit: thread arenas are mmap'd aligned to it
-/// (malloc/arena.c, `new_heap`), which is how they are told apart in the maps.
-const HEAP_MAX: u64 = 64 << 20;
+// Thread arenas are mmap'd aligned to glibc's `HEAP_MAX_SIZE` (malloc/arena.c, `new_heap`),
+// which is how they are told apart in the maps.
+use super::glibc_heap::HEAP_MAX;
 
 /// What one mapping of the target holds, as the maps show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,32 +248,25 @@ fn sorted(m: BTreeMap<String, u64>) -> Vec<(String, u64)> {
     v
 }
 
-/// Reads `/proc/PID/maps` (capped).
-pub fn read_maps(pid: u32) -> io::Result<String> {
-    let mut text = String::new();
-    fs::File::open(format!("/proc/{pid}/maps"))?
-        .take(MAPS_CAP)
-        .read_to_string(&mut text)?;
-    Ok(text)
-}
-
 /// VmRSS of `pid` in bytes.
 pub fn read_rss(pid: u32) -> io::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .map_err(io::Error::other)?
+        .vmrss
+        .map(|kib| kib * 1024)
         .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status has no VmRSS line")))
 }
 
 /// The breakdown of a live target now: glibc's arenas walked first (the heaps it finds are
 /// arenas in the maps too), then the maps and the pagemap.
-pub fn measure(pid: u32, erts: &ErtsRanges) -> io::Result<Breakdown> {
-    let walk = super::glibc_heap::walk(pid).map_err(|e| e.to_string());
+/// `erts` locates the ERTS ranges in the same maps text (read once, capped).
+pub fn measure(pid: u32, erts: impl FnOnce(&str) -> ErtsRanges) -> io::Result<Breakdown> {
+    let maps = super::maps_text(pid)?;
+    let erts = &erts(&maps);
+    let walk = super::glibc_heap::walk(pid, &maps).map_err(|e| e.to_string());
     let heaps = walk.as_ref().map(|w| w.heaps.clone()).unwrap_or_default();
-    let regions = classify(&read_maps(pid)?);
+    let regions = classify(&maps);
     let rss = read_rss(pid)?;
     let mut pagemap = Pagemap::open(pid)?;
     let mut err = None;

@@ -44,7 +44,7 @@ const WINDOW: usize = 1 << 20;
 const MINSIZE: u64 = 32;
 const ALIGN: u64 = 16;
 /// `HEAP_MAX_SIZE` of thread arenas on 64-bit (2 * DEFAULT_MMAP_THRESHOLD_MAX).
-const HEAP_MAX: u64 = 64 << 20;
+pub const HEAP_MAX: u64 = 64 << 20;
 /// `struct malloc_state` offsets on x86-64, glibc 2.27-2.41.
 const FASTBINS: u64 = 0x10;
 const NFASTBINS: u64 = 10;
@@ -146,11 +146,6 @@ pub fn parse_regions(text: &str) -> Vec<Region> {
             })
         })
         .collect()
-}
-
-/// Reads `/proc/PID/maps`, capped.
-pub fn read_regions(pid: u32) -> Vec<Region> {
-    parse_regions(&super::maps_text(pid).unwrap_or_default())
 }
 
 fn is_libc(path: &str) -> bool {
@@ -300,9 +295,9 @@ fn find_layout(
     ))
 }
 
-/// Walks the malloc arenas of `pid`.
-pub fn walk(pid: u32) -> Result<HeapSummary, HeapError> {
-    let regions = read_regions(pid);
+/// Walks the malloc arenas of `pid`, whose `/proc/PID/maps` text is `maps`.
+pub fn walk(pid: u32, maps: &str) -> Result<HeapSummary, HeapError> {
+    let regions = parse_regions(maps);
     let mem = ProcMem::open(pid).map_err(|e| HeapError::Memory(e.to_string()))?;
     let (layout, version) = find_layout(pid, &regions, &mem)?;
     let mut summary = walk_with(&mem, &regions, layout);
