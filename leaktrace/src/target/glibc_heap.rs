@@ -948,7 +948,7 @@ int main(void) {
             .unwrap()
             .read_exact(&mut line)
             .unwrap();
-        let s = walk(child.id());
+        let s = walk(child.id(), &super::super::maps_text(child.id()).unwrap());
         let _ = child.kill();
         let _ = child.wait();
         let s = s.unwrap();
