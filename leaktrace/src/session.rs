@@ -180,14 +180,61 @@ struct NativeProbes {
     reason: String,
     /// `--stacks`: frames of user stack per allocation call (0: none).
     stacks: u32,
-    /// `--max-overhead`: most of one CPU the probes may cost (a fraction).
-    max_overhead: f64,
-    /// Hits and time at the last overhead check.
+    /// What they may cost (`--max-overhead`), and when they were detached for costing more.
+    budget: Budget,
+}
+
+/// The cost budget of one probe family (`--max-overhead`): at each check its cost is estimated
+/// from the hits since the last check times its cost per hit; past the budget the family is
+/// detached (by its owner) and stays so.
+struct Budget {
+    /// Estimated cost of one hit, seconds.
+    cost_per_hit_s: f64,
+    /// Most of one CPU the family may cost (a fraction).
+    max: f64,
+    /// Hits and time at the last check.
     last: (u64, f64),
-    /// Share of one CPU the probes cost at the last check.
+    /// Share of one CPU at the last check.
     overhead: f64,
-    /// When they were detached for costing more than the budget.
+    /// When the family was detached for costing more than `max`.
     detached_at_s: Option<f64>,
+}
+
+impl Budget {
+    fn new(cost_per_hit_s: f64, max: f64) -> Budget {
+        Budget {
+            cost_per_hit_s,
+            max,
+            last: (0, 0.0),
+            overhead: 0.0,
+            detached_at_s: None,
+        }
+    }
+
+    /// The family is attached: its hits are counted from `hits` at `t_s`.
+    fn start(&mut self, hits: u64, t_s: f64) {
+        self.last = (hits, t_s);
+    }
+
+    /// Updates the estimate with the `hits` counted by `t_s`. Over the budget, marks the
+    /// family detached at `t_s` and says why (for its reason); the caller detaches it.
+    fn check(&mut self, hits: u64, t_s: f64, family: &str) -> Option<String> {
+        let dt = t_s - self.last.1;
+        if dt > 0.0 {
+            self.overhead = hits.saturating_sub(self.last.0) as f64 * self.cost_per_hit_s / dt;
+            self.last = (hits, t_s);
+        }
+        if self.detached_at_s.is_some() || self.overhead <= self.max {
+            return None;
+        }
+        self.detached_at_s = Some(t_s);
+        Some(format!(
+            "detached at {t_s:.1} s: {:.0} {family} probe hits/s cost an estimated {:.0}% of a CPU, over --max-overhead {:.0}%",
+            self.overhead / self.cost_per_hit_s,
+            self.overhead * 100.0,
+            self.max * 100.0
+        ))
+    }
 }
 
 /// Estimated cost of one hit of a native probe: an emulated entry probe or the return
@@ -217,10 +264,7 @@ impl NativeProbes {
         NativeProbes {
             mode,
             stacks,
-            max_overhead,
-            last: (0, 0.0),
-            overhead: 0.0,
-            detached_at_s: None,
+            budget: Budget::new(NATIVE_HIT_COST_S, max_overhead),
             ledger: None,
             attached_at_s: None,
             libc: None,
@@ -294,7 +338,7 @@ impl NativeProbes {
                 self.ledger = Some(ledger);
                 self.attached_at_s = Some(t_s);
                 let (ids, _) = native_ids_and_programs();
-                self.last = (tracer.hits_of(&ids), t_s);
+                self.budget.start(tracer.hits_of(&ids), t_s);
                 self.reason = why;
                 self.libc = Some(libc);
                 // Its descriptor stays open while the probes may be put back (`/proc/self/fd/N`).
@@ -318,7 +362,7 @@ impl NativeProbes {
         let Some(ledger) = self.ledger.as_mut() else {
             return;
         };
-        if self.detached_at_s.is_none() {
+        if self.budget.detached_at_s.is_none() {
             ledger.update(tracer.native_sites());
             ledger.histograms_into(tracer.native_hists(), h);
             if self.stacks > 0 {
@@ -330,7 +374,7 @@ impl NativeProbes {
         let native = ledger.outstanding();
         s.native_outstanding = Some(native);
         s.unexplained = s.unexplained.map(|u| u - native);
-        if self.detached_at_s.is_none() {
+        if self.budget.detached_at_s.is_none() {
             self.keep_within_budget(tracer, s.t_s);
         }
     }
@@ -339,22 +383,11 @@ impl NativeProbes {
     /// detaches them past `--max-overhead`: an allocation-heavy node is never slowed for long.
     fn keep_within_budget(&mut self, tracer: &mut Tracer, t_s: f64) {
         let (ids, programs) = native_ids_and_programs();
-        let hits = tracer.hits_of(&ids);
-        let dt = t_s - self.last.1;
-        if dt <= 0.0 {
-            return;
-        }
-        self.overhead = hits.saturating_sub(self.last.0) as f64 * NATIVE_HIT_COST_S / dt;
-        self.last = (hits, t_s);
-        if self.overhead > self.max_overhead {
+        if let Some(why) = self.budget.check(tracer.hits_of(&ids), t_s, "native") {
             tracer.detach_programs(&programs);
-            self.detached_at_s = Some(t_s);
             self.reason = format!(
-                "{}; detached at {t_s:.1} s: {:.0} native probe hits/s cost an estimated {:.0}% of a CPU, over --max-overhead {:.0}%; native figures after that are frozen (run with a higher --max-overhead, or --native off, on an allocation-heavy node)",
-                self.reason,
-                self.overhead / NATIVE_HIT_COST_S,
-                self.overhead * 100.0,
-                self.max_overhead * 100.0
+                "{}; {why}; native figures after that are frozen (run with a higher --max-overhead, or --native off, on an allocation-heavy node)",
+                self.reason
             );
         }
     }
@@ -375,7 +408,7 @@ impl NativeProbes {
         }
         // The totals as they stand at the end (the last sample can be up to an interval old);
         // frozen where the probes were detached over budget.
-        let frozen = self.detached_at_s.is_some();
+        let frozen = self.budget.detached_at_s.is_some();
         if let Some(l) = self.ledger.as_mut() {
             if !frozen {
                 l.update(tracer.native_sites());
@@ -394,8 +427,8 @@ impl NativeProbes {
             },
         };
         e.libc = self.libc;
-        e.detached_at_s = self.detached_at_s;
-        e.overhead_cpu_share = self.overhead;
+        e.detached_at_s = self.budget.detached_at_s;
+        e.overhead_cpu_share = self.budget.overhead;
         let unreadable = tracer.native_losses(&mut e);
         (Some(e), unreadable)
     }
@@ -435,14 +468,12 @@ struct BlockProbes {
     pausing: Option<Detaching>,
     ledger: Option<crate::blocks::BlockLedger>,
     attached_at_s: Option<f64>,
-    detached_at_s: Option<f64>,
     reason: String,
     /// Tries left to find the image and attach (beam.smp may not be mapped yet in `run`).
     tries_left: u32,
-    /// Hits and time at the last overhead check.
-    last: (u64, f64),
-    overhead: f64,
-    max_overhead: f64,
+    /// What they may cost (`--max-overhead`); its last check is also where the sampling
+    /// windows count time from.
+    budget: Budget,
 }
 
 impl BlockProbes {
@@ -455,16 +486,13 @@ impl BlockProbes {
             pausing: None,
             ledger: None,
             attached_at_s: None,
-            detached_at_s: None,
             reason: if cfg.blocks.is_some() {
                 "--blocks: not attached yet".into()
             } else {
                 String::new()
             },
             tries_left: LEARN_TRIES,
-            last: (0, 0.0),
-            overhead: 0.0,
-            max_overhead: cfg.max_overhead,
+            budget: Budget::new(BLOCK_HIT_COST_S, cfg.max_overhead),
         }
     }
 
@@ -511,7 +539,7 @@ impl BlockProbes {
                     used.iter().map(|f| f.to_string()).collect(),
                 ));
                 self.attached_at_s = Some(t_s);
-                self.last = (0, t_s);
+                self.budget.start(0, t_s);
                 self.reason = format!(
                     "--blocks: probes on {} (the functions erts_allctrs[] points to)",
                     used.join(", ")
@@ -535,17 +563,17 @@ impl BlockProbes {
         let Some(ledger) = self.ledger.as_mut() else {
             return;
         };
-        if self.detached_at_s.is_none() {
+        if self.budget.detached_at_s.is_none() {
             ledger.update(tracer.block_stats());
             ledger.histograms_into(h);
         }
         if self.sampled
-            && self.detached_at_s.is_none()
+            && self.budget.detached_at_s.is_none()
             && let Some(at) = self.attached_at_s
         {
             use crate::config::{SAMPLE_PERIOD_S, SAMPLE_WINDOW_S};
             if self.window_open {
-                self.open_s += s.t_s - self.last.1;
+                self.open_s += s.t_s - self.budget.last.1;
             }
             let since = s.t_s - at;
             if since > 0.0 && self.open_s > 0.0 {
@@ -567,7 +595,7 @@ impl BlockProbes {
         }
         ledger.record_point(s.t_s);
         s.blocks_net = Some(ledger.net_total());
-        if self.detached_at_s.is_some() {
+        if self.budget.detached_at_s.is_some() {
             return;
         }
         use leaktrace_common::probe_id as P;
@@ -578,21 +606,11 @@ impl BlockProbes {
             P::BLOCK_REALLOC_RET,
             P::BLOCK_FREE,
         ]);
-        let dt = s.t_s - self.last.1;
-        if dt > 0.0 {
-            self.overhead = (hits - self.last.0) as f64 * BLOCK_HIT_COST_S / dt;
-            self.last = (hits, s.t_s);
-        }
-        if self.overhead > self.max_overhead {
+        if let Some(why) = self.budget.check(hits, s.t_s, "block") {
             tracer.detach_programs(&BLOCK_PROGRAMS);
-            self.detached_at_s = Some(s.t_s);
             self.reason = format!(
-                "{}; detached at {:.1} s: {:.0} block probe hits/s cost an estimated {:.0}% of a CPU, over --max-overhead {:.0}%; block figures after that are frozen",
-                self.reason,
-                s.t_s,
-                self.overhead / BLOCK_HIT_COST_S,
-                self.overhead * 100.0,
-                self.max_overhead * 100.0
+                "{}; {why}; block figures after that are frozen",
+                self.reason
             );
         }
     }
@@ -616,12 +634,12 @@ impl BlockProbes {
                 ..Default::default()
             });
         };
-        if self.detached_at_s.is_none() {
+        if self.budget.detached_at_s.is_none() {
             ledger.update(tracer.block_stats());
             ledger.histograms_into(h);
         }
         ledger.censor_into(h);
-        let since = self.last.1 - self.attached_at_s.unwrap_or(0.0);
+        let since = self.budget.last.1 - self.attached_at_s.unwrap_or(0.0);
         let sampling = self.sampled.then(|| {
             format!(
                 "allocations watched in windows of {:.0} s every {:.0} s (open {:.1} s of {:.1} s), every free watched; net bytes and growth scaled by {:.1} (the windows' share of time): an estimate, biased when allocations follow the windows' rhythm; counts and histograms are the sampled ones",
@@ -634,9 +652,9 @@ impl BlockProbes {
         });
         let mut e = ledger.evidence(self.attached_at_s, self.reason);
         e.sampling = sampling;
-        e.detached_at_s = self.detached_at_s;
+        e.detached_at_s = self.budget.detached_at_s;
         (e.live_full, e.types_full) = tracer.block_losses();
-        e.overhead_cpu_share = self.overhead;
+        e.overhead_cpu_share = self.budget.overhead;
         Some(e)
     }
 }
@@ -693,7 +711,7 @@ fn attach_pending(native: &NativeProbes, blocks: &BlockProbes) -> bool {
     let native_pending = native.mode == NativeMode::Auto && native.ledger.is_none();
     let blocks_pending = blocks.wanted
         && ((blocks.ledger.is_none() && blocks.tries_left > 0)
-            || (blocks.sampled && blocks.detached_at_s.is_none()));
+            || (blocks.sampled && blocks.budget.detached_at_s.is_none()));
     native_pending || blocks_pending
 }
 
